@@ -1,0 +1,420 @@
+"""The asyncio shell: sockets, backpressure, lifecycle. All protocol logic is in session.py.
+
+Each client connection gets its own upstream connection, opened when the
+client connects, so every stateful Redis feature keeps its exact semantics.
+Both directions use protocol callbacks, not a coroutine per message; when one
+side's transport buffer fills, the other side stops being read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import resp
+from proxy.session import Handler, Session
+
+log = logging.getLogger("fieldcrypt")
+
+# Pause reading the other side once this much is waiting to be written.
+HIGH_WATER = 1024 * 1024
+LOW_WATER = 256 * 1024
+
+
+@dataclass
+class Target:
+    """Where and how to reach the upstream Redis."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    connect_timeout: float = 5.0
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def handshake(self) -> list[tuple[str, list[bytes]]]:
+        """What the proxy says first on each upstream connection, and again after RESET."""
+        steps: list[tuple[str, list[bytes]]] = []
+        if self.password is not None:
+            auth = [b"AUTH"]
+            if self.username:
+                auth.append(self.username.encode())
+            auth.append(self.password.encode())
+            steps.append(("AUTH", auth))
+        if self.db:
+            steps.append(("SELECT", [b"SELECT", str(self.db).encode()]))
+        return steps
+
+
+@dataclass
+class Stats:
+    connections_open: int = 0
+    connections_total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_errors: int = 0
+
+
+@dataclass
+class ProxyState:
+    """What every connection shares; replaced as a whole on reload."""
+
+    target: Target
+    dispatch: dict[bytes, Handler]
+    max_request: int = resp.PROTO_MAX_BULK_LEN + 1024
+    max_clients: int = 10000
+    max_client_output: int = 64 * 1024 * 1024
+    idle_timeout: float = 0.0
+    stats: Stats = field(default_factory=Stats)
+
+
+def describe_error(error: BaseException) -> str:
+    """A short cause for a connection error, without any payload."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(error, socket.gaierror):
+        return f"name not resolved: {error.strerror}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error: {error.reason or error.__class__.__name__}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return error.__class__.__name__
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.from_upstream(data)
+
+    def pause_writing(self) -> None:
+        self.client.pause_client_reading("upstream")
+
+    def resume_writing(self) -> None:
+        self.client.resume_client_reading("upstream")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost(exc)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client, its upstream connection, and the session between them."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.state = server.state
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamProtocol | None = None
+        self.session: Session | None = None
+        self.early: list[bytes] = []  # bytes for upstream while it is still connecting
+        self.paused_by: set[str] = set()
+        self.upstream_paused = False
+        self.closed = False
+        self.connect_task: asyncio.Task[None] | None = None
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.peer = "?"
+
+    # --- client side ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        stats = self.state.stats
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if stats.connections_open >= self.state.max_clients:
+            transport.write(b"-ERR max number of clients reached\r\n")
+            transport.close()
+            self.closed = True
+            return
+        stats.connections_open += 1
+        stats.connections_total += 1
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        target = self.state.target
+        self.session = Session(
+            self.state.dispatch,
+            self._to_upstream_early,
+            self._to_client,
+            db=target.db,
+            handshake=target.handshake(),
+            max_request=self.state.max_request,
+        )
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect())
+        self._touch()
+
+    async def _connect(self) -> None:
+        target = self.state.target
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamProtocol(self),
+                    target.host,
+                    target.port,
+                    ssl=target.ssl_context,
+                    server_hostname=(target.server_hostname or target.host)
+                    if target.ssl_context
+                    else None,
+                ),
+                target.connect_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as error:
+            cause = describe_error(error)
+            self.state.stats.upstream_errors += 1
+            log.warning("upstream %s unreachable (%s)", target.address, cause)
+            if not self.closed and self.transport is not None:
+                self.transport.write(
+                    resp.error_reply(
+                        f"ERR fieldcrypt: upstream {target.address} unreachable ({cause})"
+                    )
+                )
+                self.close()
+            return
+        finally:
+            self.connect_task = None
+        if self.closed:
+            protocol.transport.close()  # type: ignore[union-attr]
+            return
+        self.upstream = protocol
+        assert protocol.transport is not None and self.session is not None
+        if self.early:
+            protocol.transport.writelines(self.early)
+            self.early = []
+        self.session.send_upstream = self._to_upstream
+        self.resume_client_reading("connecting")
+        if self.upstream_paused:
+            protocol.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.state.stats.bytes_in += len(data)
+        self._touch()
+        try:
+            session.client_data(data)
+        except Exception:
+            log.exception("internal error on a client connection; closing it")
+            self.close()
+            return
+        self._check_closing()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than Redis answers: stop reading Redis."""
+        self.upstream_paused = True
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.upstream_paused = False
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    # --- upstream side --------------------------------------------------------
+
+    def _to_upstream_early(self, data: bytes) -> None:
+        self.early.append(data)
+        if sum(map(len, self.early)) > HIGH_WATER:
+            self.pause_client_reading("connecting")
+
+    def _to_upstream(self, data: bytes) -> None:
+        assert self.upstream is not None and self.upstream.transport is not None
+        self.upstream.transport.write(data)
+
+    def _to_client(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.state.stats.bytes_out += len(data)
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > self.state.max_client_output:
+            log.warning("client %s disconnected: output buffer over the limit", self.peer)
+            self.close(abort=True)
+
+    def from_upstream(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        self._touch()
+        try:
+            session.upstream_data(data)
+        except resp.ProtocolError as error:
+            log.warning("upstream %s sent bad RESP (%s); closing", self.state.target.address, error)
+            self.close()
+            return
+        except Exception:
+            log.exception("internal error on a client connection; closing it")
+            self.close()
+            return
+        if session.failed is not None:
+            log.warning("client %s closed: %s", self.peer, session.failed)
+            self.close()
+            return
+        self._check_closing()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is not None:
+            self.state.stats.upstream_errors += 1
+            log.warning(
+                "upstream %s connection lost (%s)", self.state.target.address, describe_error(exc)
+            )
+        self.close()
+
+    def pause_client_reading(self, reason: str) -> None:
+        if not self.paused_by and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused_by.add(reason)
+
+    def resume_client_reading(self, reason: str) -> None:
+        if reason not in self.paused_by:
+            return
+        self.paused_by.discard(reason)
+        if not self.paused_by and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def _check_closing(self) -> None:
+        session = self.session
+        if (session is not None and session.closing is not None and not session.pending) or (
+            self.server.draining and session is not None and session.idle
+        ):
+            self.close()
+
+    def _touch(self) -> None:
+        timeout = self.state.idle_timeout
+        if timeout <= 0 or self.closed:
+            return
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.idle_handle = asyncio.get_running_loop().call_later(timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        session = self.session
+        if session is not None and (session.pending or session.pubsub or session.monitoring):
+            self._touch()  # waiting on Redis (blocking command, pub/sub): not idle
+            return
+        log.info("client %s closed after the idle timeout", self.peer)
+        self.close()
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.state.stats.connections_open -= 1
+        self.server.connections.discard(self)
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        self.session = None
+        self.early = []
+        self.server.on_connection_closed()
+
+
+class ProxyServer:
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.connections: set[ClientConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.draining = False
+        self._drained: asyncio.Event | None = None
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+    ) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: ClientConnection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            reuse_port=reuse_port or None,
+            backlog=4096,
+        )
+        self.servers.append(server)
+        return [sock.getsockname()[:2] for sock in server.sockets]
+
+    def on_connection_closed(self) -> None:
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight replies finish (up to `timeout`), then close all."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        self._drained = asyncio.Event()
+        for connection in list(self.connections):
+            if connection.session is None or connection.session.idle:
+                connection.close()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except TimeoutError:
+                log.warning("drain timeout: closing %d connections", len(self.connections))
+        for connection in list(self.connections):
+            connection.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+def install_uvloop() -> str:
+    """Use uvloop where it loads; asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def add_signal_handlers(stop: Callable[[], Any], reload: Callable[[], Any] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    if reload is not None and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+def pid() -> int:
+    return os.getpid()

@@ -1,0 +1,627 @@
+"""One client's conversation with Redis, as a state machine with no I/O.
+
+The shell (server.py) feeds bytes in with `client_data` and `upstream_data`;
+the session writes bytes out through the two callables it was given. In
+between it frames every request and every reply, keeps a queue of what each
+pending reply must go through, and tracks the connection state that changes
+how replies line up with requests: RESP2/RESP3, pub/sub, MULTI, MONITOR,
+CLIENT REPLY and RESET.
+
+Commands that need neither state tracking nor a rewrite take the fast path:
+their bytes go upstream untouched and their replies come back untouched, with
+a counter as their only trace. Everything else is a handler in `dispatch`,
+looked up by command name; adding a behaviour is adding a handler, never an
+edit here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from proxy import resp
+
+Send = Callable[[bytes], None]
+Transform = Callable[["Session", bytes], bytes]
+"""Rewrites one complete reply (never an error reply) for the client."""
+
+
+class Forward:
+    """A handler's answer: send the request (rewritten if `request` is given)
+    and pass its reply through `transform`."""
+
+    __slots__ = ("request", "transform")
+
+    def __init__(self, request: bytes | None = None, transform: Transform | None = None) -> None:
+        self.request = request
+        self.transform = transform
+
+
+class Answer:
+    """A handler's answer: reply to the client locally; Redis never sees it."""
+
+    __slots__ = ("refusal", "reply")
+
+    def __init__(self, reply: bytes, refusal: bool = False) -> None:
+        self.reply = reply
+        self.refusal = refusal  # an error that Redis would have given at queue time
+
+
+class Defer:
+    """A handler's answer: the reply comes later, through `Session.resolve`."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry = LocalEntry(None)
+
+
+Outcome = Forward | Answer | Defer | None
+Handler = Callable[["Session", list[bytes]], Outcome]
+"""Called with the request's arguments (name first); None means forward as is."""
+
+
+# --- What a pending reply goes through ---------------------------------------
+# The pending queue holds ints (that many untouched replies) and entries.
+
+
+class Entry:
+    """A request whose reply needs more than forwarding."""
+
+    __slots__ = ()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        """The bytes to send the client for this reply (None: send nothing)."""
+        return frame
+
+
+class TransformEntry(Entry):
+    __slots__ = ("transform",)
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] in resp.ERROR_TYPES:
+            return frame
+        return self.transform(session, frame)
+
+
+class LocalEntry(Entry):
+    """A reply the proxy makes itself; consumes nothing from upstream."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply  # None until a deferred reply is resolved
+
+
+class InternalEntry(Entry):
+    """A request the proxy sent on its own (AUTH, SELECT); its reply is swallowed."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] in resp.ERROR_TYPES:
+            message = frame[1:].split(b"\r\n", 1)[0].decode(errors="replace")
+            session.fail(f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}")
+        return None
+
+
+class HelloEntry(Entry):
+    __slots__ = ()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] == 37:  # '%': a map, so RESP3
+            session.resp3 = True
+        elif frame[0] == 42:  # '*': an array, so RESP2
+            session.resp3 = False
+        return frame
+
+
+class SelectEntry(Entry):
+    __slots__ = ("previous",)
+
+    def __init__(self, previous: int) -> None:
+        self.previous = previous
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] in resp.ERROR_TYPES:
+            session.db = self.previous
+        return frame
+
+
+class ResetEntry(Entry):
+    __slots__ = ()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame == b"+RESET\r\n":
+            session.reset_state()
+        return frame
+
+
+class MonitorEntry(Entry):
+    __slots__ = ()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] not in resp.ERROR_TYPES:
+            session.monitoring = True
+        return frame
+
+
+class QueuedEntry(Entry):
+    """A command sent inside MULTI: its real reply comes in EXEC's array."""
+
+    __slots__ = ("transform",)
+
+    def __init__(self, transform: Transform | None) -> None:
+        self.transform = transform
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame == b"+QUEUED\r\n":
+            session.queued.append(self.transform)
+        return frame
+
+
+class ExecEntry(Entry):
+    __slots__ = ("abort",)
+
+    def __init__(self, abort: bool = False) -> None:
+        self.abort = abort  # the proxy refused a queued command: EXEC was sent as DISCARD
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        queued, session.queued = session.queued, []
+        if self.abort:
+            return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+        if frame[0] != 42 or not any(queued):
+            return frame
+        header_end, spans = resp.elements(frame, 0)
+        if len(spans) != len(queued):
+            return frame
+        parts = [frame[:header_end]]
+        for transform, (start, end) in zip(queued, spans, strict=True):
+            element = frame[start:end]
+            if transform is not None and element[0] not in resp.ERROR_TYPES:
+                element = transform(session, element)
+            parts.append(element)
+        return b"".join(parts)
+
+
+class DiscardEntry(Entry):
+    __slots__ = ()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        session.queued = []
+        return frame
+
+
+SUBSCRIBE_KINDS: Final = {
+    b"SUBSCRIBE": b"subscribe",
+    b"PSUBSCRIBE": b"psubscribe",
+    b"SSUBSCRIBE": b"ssubscribe",
+    b"UNSUBSCRIBE": b"unsubscribe",
+    b"PUNSUBSCRIBE": b"punsubscribe",
+    b"SUNSUBSCRIBE": b"sunsubscribe",
+}
+_CHANNEL_SET: Final = {
+    b"subscribe": "channels",
+    b"unsubscribe": "channels",
+    b"psubscribe": "patterns",
+    b"punsubscribe": "patterns",
+    b"ssubscribe": "shard_channels",
+    b"sunsubscribe": "shard_channels",
+}
+MESSAGE_KINDS: Final = frozenset({b"message", b"pmessage", b"smessage"})
+
+
+class SubscribeEntry(Entry):
+    """(P|S)(UN)SUBSCRIBE: answered by one confirmation per channel, out of band.
+
+    An error (arity, ACL) answers it as one ordinary reply instead.
+    """
+
+    __slots__ = ("kind", "remaining")
+
+    def __init__(self, kind: bytes, remaining: int | None) -> None:
+        self.kind = kind  # the confirmation's name, e.g. b"subscribe"
+        self.remaining = remaining  # None: "all of them", counted when it's due
+
+
+def _resp2_push(buf: bytearray, start: int) -> bool:
+    """In RESP2 pub/sub, messages and confirmations are plain arrays."""
+    return (
+        buf.startswith(b"*3\r\n$7\r\nmessage\r\n", start)
+        or buf.startswith(b"*4\r\n$8\r\npmessage\r\n", start)
+        or buf.startswith(b"*3\r\n$8\r\nsmessage\r\n", start)
+        or (buf.startswith(b"*3\r\n$", start) and b"subscribe\r\n" in buf[start : start + 24])
+    )
+
+
+def _pubsub_head(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
+    """(kind, channel, count) of a subscribe-family confirmation, else None."""
+    try:
+        value, _ = resp.decode(frame)
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(value, resp.Aggregate) or len(value.items) != 3:
+        return None
+    kind, channel, count = value.items
+    if not isinstance(kind, resp.Blob) or kind.data not in _CHANNEL_SET:
+        return None
+    channel_name = channel.data if isinstance(channel, resp.Blob) else None
+    number = int(count.raw[1:-2]) if isinstance(count, resp.Simple) else 0
+    return kind.data, channel_name, number
+
+
+# --- The session ---------------------------------------------------------------
+
+
+class Session:
+    def __init__(
+        self,
+        dispatch: dict[bytes, Handler],
+        send_upstream: Send,
+        send_client: Send,
+        *,
+        db: int = 0,
+        handshake: list[tuple[str, list[bytes]]] | None = None,
+        max_request: int = resp.PROTO_MAX_BULK_LEN + 1024,
+    ) -> None:
+        self.dispatch = dispatch
+        self.send_upstream = send_upstream
+        self.send_client = send_client
+        self.requests = resp.RequestReader(max_request)
+        self.replies = resp.ReplyReader()
+        self.pending: deque[int | Entry] = deque()
+        self.handshake = handshake or []  # what the proxy sends first, and after RESET
+        self.initial_db = db
+        self.db = db
+        self.resp3 = False
+        self.monitoring = False
+        self.in_multi = False
+        self.multi_refused = False
+        self.queued: list[Transform | None] = []
+        self.reply_mode = b"ON"  # CLIENT REPLY: ON, OFF or SKIP
+        self.channels: set[bytes | None] = set()
+        self.patterns: set[bytes | None] = set()
+        self.shard_channels: set[bytes | None] = set()
+        self.pubsub = False  # subscribed, or about to be: RESP2 arrays may be messages
+        self.closing: str | None = None  # why the session ends once its replies are out
+        self.failed: str | None = None  # an error that ends the session now
+        self.commands = 0
+        self._slow = False  # every request goes through _dispatch, not just known names
+        for what, args in self.handshake:
+            self._send_internal(what, args)
+
+    # --- client -> upstream -----------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        if self.closing is not None:
+            return  # after a protocol error or QUIT, Redis reads nothing more
+        reader = self.requests
+        reader.feed(data)
+        buf = reader.buffer
+        run = reader.pos  # start of requests forwarded as they are
+        pending = self.pending
+        dispatch = self.dispatch
+        count = 0
+        try:
+            while True:
+                request = reader.next()
+                if request is None:
+                    break
+                start, end, name, inline = request
+                count += 1
+                if inline is None and not self._slow and name not in dispatch:
+                    if pending and type(pending[-1]) is int:
+                        pending[-1] += 1  # type: ignore[operator]
+                    else:
+                        pending.append(1)
+                    continue
+                if run < start:
+                    self.send_upstream(bytes(buf[run:start]))
+                run = end
+                args = inline if inline is not None else resp.request_args(buf, start, end)
+                self._dispatch(name, args, None if inline is not None else bytes(buf[start:end]))
+        except resp.ProtocolError as error:
+            end = reader.pos
+            if run < end:
+                self.send_upstream(bytes(buf[run:end]))
+            run = end
+            self._local(resp.error_reply(f"ERR {error}"))
+            self.closing = "protocol error"
+        finally:
+            self.commands += count
+        if run < reader.pos:
+            self.send_upstream(bytes(buf[run : reader.pos]))
+        reader.compact()
+        self._emit_ready()
+
+    def _dispatch(self, name: bytes, args: list[bytes], raw: bytes | None) -> None:
+        """Send one request that is not on the fast path."""
+        handler = self.dispatch.get(name)
+        outcome = handler(self, args) if handler is not None else None
+        if isinstance(outcome, Answer):
+            if outcome.refusal and self.in_multi:
+                self.multi_refused = True
+            if self.reply_mode == b"ON":
+                self._local(outcome.reply)
+            elif self.reply_mode == b"SKIP":
+                self.reply_mode = b"ON"
+                self._update_slow()
+            return
+        if isinstance(outcome, Defer):
+            self.pending.append(outcome.entry)
+            return
+        request = raw
+        transform = None
+        if outcome is not None:
+            transform = outcome.transform
+            if outcome.request is not None:
+                request = outcome.request
+        if request is None:
+            request = resp.encode_request(args)
+        entry: int | Entry | None = (
+            self._state_entry(name, args, transform) if name in STATEFUL else None
+        )
+        if entry is None:
+            if self.in_multi:
+                entry = QueuedEntry(transform)
+            elif transform is not None:
+                entry = TransformEntry(transform)
+            else:
+                entry = 1
+        if type(entry) is ExecEntry and entry.abort:
+            request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
+        self.send_upstream(request)
+        self._expect(entry)
+        if name == b"RESET":
+            for what, internal_args in self.handshake:
+                self._send_internal(what, internal_args)
+
+    def _state_entry(
+        self, name: bytes, args: list[bytes], transform: Transform | None
+    ) -> int | Entry | None:
+        """Track a command that changes how replies line up with requests."""
+        if name == b"MULTI":
+            self.in_multi = True
+            self.multi_refused = False
+            return 1
+        if name in (b"EXEC", b"DISCARD"):
+            multi, refused = self.in_multi, self.multi_refused
+            self.in_multi = self.multi_refused = False
+            self._update_slow()
+            if not multi:
+                return 1
+            return ExecEntry(abort=refused) if name == b"EXEC" else DiscardEntry()
+        if name == b"RESET":
+            self.in_multi = False
+            self.reply_mode = b"ON"
+            self._update_slow()
+            return ResetEntry()
+        if name == b"SELECT":
+            # Followed at once, so that the commands behind it see the right db.
+            previous = self.db
+            try:
+                self.db = int(args[1])
+            except (IndexError, ValueError):
+                return None
+            return None if self.in_multi else SelectEntry(previous)
+        if self.in_multi:
+            return None  # queued: its effect comes with EXEC
+        if name == b"HELLO":
+            return HelloEntry()
+        if name == b"MONITOR":
+            return MonitorEntry()
+        if name in SUBSCRIBE_KINDS:
+            channels = len(args) - 1
+            subscribing = not name.endswith(b"UNSUBSCRIBE")
+            if subscribing and channels == 0:
+                return 1  # an arity error, one ordinary reply
+            self.pubsub = True
+            return SubscribeEntry(SUBSCRIBE_KINDS[name], channels or None)
+        if name == b"CLIENT" and len(args) == 3 and args[1].upper() == b"REPLY":
+            mode = args[2].upper()
+            if mode in (b"ON", b"OFF", b"SKIP"):
+                self.reply_mode = mode
+                self._update_slow()
+                return 1 if mode == b"ON" else 0
+        return None
+
+    def _expect(self, entry: int | Entry) -> None:
+        """Queue what the next reply goes through, unless CLIENT REPLY hides it."""
+        mode = self.reply_mode
+        if mode != b"ON":
+            if entry == 0:
+                return  # CLIENT REPLY OFF/SKIP itself has no reply
+            if mode == b"SKIP":
+                self.reply_mode = b"ON"
+                self._update_slow()
+            return
+        if entry == 0:
+            return
+        pending = self.pending
+        if type(entry) is int:
+            if pending and type(pending[-1]) is int:
+                pending[-1] += 1  # type: ignore[operator]
+            else:
+                pending.append(1)
+        else:
+            pending.append(entry)
+
+    def _send_internal(self, what: str, args: list[bytes]) -> None:
+        self.send_upstream(resp.encode_request(args))
+        self.pending.append(InternalEntry(what))
+
+    def _local(self, reply: bytes) -> None:
+        self.pending.append(LocalEntry(reply))
+
+    def _update_slow(self) -> None:
+        self._slow = self.in_multi or self.reply_mode != b"ON"
+
+    def resolve(self, entry: LocalEntry, reply: bytes) -> None:
+        """Give a deferred request its reply; it goes out in its turn."""
+        entry.reply = reply
+        self._emit_ready()
+        if self.replies.pos < len(self.replies.buffer):
+            self.upstream_data(b"")
+
+    # --- upstream -> client -----------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        reader = self.replies
+        if data:
+            reader.feed(data)
+        buf = reader.buffer
+        pending = self.pending
+        run = reader.pos  # start of replies forwarded as they are
+        while True:
+            if pending and type(pending[0]) is LocalEntry:
+                if run < reader.pos:
+                    self.send_client(bytes(buf[run : reader.pos]))
+                    run = reader.pos
+                self._emit_ready()
+                if pending and type(pending[0]) is LocalEntry:
+                    break  # a deferred reply holds the rest back, in order
+            end = reader.next()
+            if end < 0:
+                break
+            start = reader.pos
+            reader.pos = end
+            kind = buf[start]
+            # Out-of-band messages answer no request; they go out as they are.
+            if kind == resp.PUSH or (
+                kind == 42 and self.pubsub and not self.resp3 and _resp2_push(buf, start)
+            ):
+                self._on_push(buf, start, end)
+                continue
+            if self.monitoring:
+                if end - start == 8 and buf[start:end] == b"+RESET\r\n":
+                    self._leave_monitor()
+                continue
+            if not pending:
+                continue  # unsolicited: forward as it is
+            head = pending[0]
+            if type(head) is SubscribeEntry:
+                # Its confirmations come out of band; an ordinary reply means it failed.
+                pending.popleft()
+                self._update_pubsub()
+                if kind in resp.ERROR_TYPES or not pending:
+                    continue
+                head = pending[0]
+            if type(head) is int:
+                if head == 1:
+                    pending.popleft()
+                else:
+                    pending[0] = head - 1
+                continue
+            if run < start:
+                self.send_client(bytes(buf[run:start]))
+            run = end
+            pending.popleft()
+            assert isinstance(head, Entry)
+            out = head.on_reply(self, bytes(buf[start:end]))
+            if out is not None:
+                self.send_client(out)
+            if self.failed is not None:
+                return
+        if run < reader.pos:
+            self.send_client(bytes(buf[run : reader.pos]))
+        reader.compact()
+
+    def _on_push(self, buf: bytearray, start: int, end: int) -> None:
+        """A subscribe-family confirmation settles its request and updates the subscriptions."""
+        if b"subscribe\r\n" not in buf[start : min(end, start + 24)]:
+            return
+        head = _pubsub_head(bytes(buf[start:end]))
+        if head is None:
+            return
+        kind, channel, _count = head
+        subscriptions: set[bytes | None] = getattr(self, _CHANNEL_SET[kind])
+        pending = self.pending
+        if pending and type(pending[0]) is SubscribeEntry:
+            entry = pending[0]
+            assert isinstance(entry, SubscribeEntry)
+            if entry.kind == kind:
+                if entry.remaining is None:
+                    entry.remaining = max(len(subscriptions), 1)
+                entry.remaining -= 1
+                if entry.remaining <= 0:
+                    pending.popleft()
+        if kind.endswith(b"unsubscribe"):
+            subscriptions.discard(channel)
+        else:
+            subscriptions.add(channel)
+        self._update_pubsub()
+
+    def _update_pubsub(self) -> None:
+        self.pubsub = bool(
+            self.channels
+            or self.patterns
+            or self.shard_channels
+            or any(type(entry) is SubscribeEntry for entry in self.pending)
+        )
+
+    def _leave_monitor(self) -> None:
+        """RESET ends MONITOR. Replies before it were mixed into the monitor stream."""
+        pending = self.pending
+        while pending:
+            if type(pending.popleft()) is ResetEntry:
+                break
+        self.reset_state()
+
+    def _emit_ready(self) -> None:
+        """Send local replies that have come to the front of the queue."""
+        pending = self.pending
+        while pending and type(pending[0]) is LocalEntry:
+            entry = pending[0]
+            assert isinstance(entry, LocalEntry)
+            if entry.reply is None:
+                return
+            pending.popleft()
+            self.send_client(entry.reply)
+
+    # --- state ---------------------------------------------------------------
+
+    def reset_state(self) -> None:
+        """What RESET does to a connection, as Redis documents it."""
+        self.resp3 = False
+        self.monitoring = False
+        self.in_multi = False
+        self.multi_refused = False
+        self.queued = []
+        self.reply_mode = b"ON"
+        self.channels.clear()
+        self.patterns.clear()
+        self.shard_channels.clear()
+        self._update_pubsub()
+        self.db = self.initial_db
+        self._update_slow()
+
+    def fail(self, message: str) -> None:
+        self.failed = message
+        self.send_client(resp.error_reply(message))
+
+    @property
+    def idle(self) -> bool:
+        """No reply is owed to the client."""
+        return not self.pending and not self.requests.pending_bytes()
+
+
+STATEFUL: Final = frozenset(
+    {b"MULTI", b"EXEC", b"DISCARD", b"RESET", b"HELLO", b"SELECT", b"MONITOR", b"CLIENT"}
+    | set(SUBSCRIBE_KINDS)
+)
+
+
+def base_dispatch() -> dict[bytes, Handler]:
+    """The commands every session must see, for their effect on the connection."""
+
+    def passthrough(session: Session, args: list[bytes]) -> Outcome:
+        return None
+
+    return dict.fromkeys(STATEFUL, passthrough)
