@@ -1,0 +1,316 @@
+"""The envelope that keeps one hash field value encrypted, and the key ring that opens it.
+
+Pure: no I/O beyond os.urandom for nonces and keys. The stored format is written down
+byte by byte, with test vectors, in docs/format.md; change one only with the other.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "HEADER_PREFIX",
+    "DecryptError",
+    "Key",
+    "KeyMaterialError",
+    "KeyRing",
+    "derive_key",
+    "generate_key",
+    "is_encrypted",
+    "is_raw_key",
+    "passphrase_is_weak",
+]
+
+HEADER_PREFIX: Final = b"$fc1$"
+
+MODE_FIELD: Final = b"f"  # bound to the field name
+MODE_KEY: Final = b"k"  # bound to the field name and the key name
+
+KEY_SIZE: Final = 32
+NONCE_SIZE: Final = 12
+TAG_SIZE: Final = 16
+KID_LENGTH: Final = 11  # base64url of 8 bytes, unpadded
+
+RAW_BASE64_PREFIX: Final = "base64:"
+RAW_HEX_PREFIX: Final = "hex:"
+WEAK_PASSPHRASE_LENGTH: Final = 32
+
+SCRYPT_SALT: Final = b"fieldcrypt/v1"
+SCRYPT_N: Final = 2**15
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+_SCRYPT_MAXMEM: Final = 64 * 1024 * 1024  # scrypt needs 128 * r * n = 32 MiB
+
+_KID_LABEL: Final = b"fieldcrypt/key-id/v1"
+
+REASON_UNKNOWN_KID: Final = "no key in the ring has id {kid}"
+REASON_AUTHENTICATION: Final = (
+    "authentication failed (wrong key, tampered value, or value moved from another field or key)"
+)
+REASON_MALFORMED: Final = "malformed envelope"
+REASON_VERSION: Final = "unsupported format version"
+
+_HEADER_LENGTH: Final = len(HEADER_PREFIX) + 1 + 1 + KID_LENGTH + 1  # 19
+_MIN_PAYLOAD_CHARS: Final = 38  # unpadded base64 of nonce + tag = 28 bytes
+_HEADER = re.compile(rb"\$fc1\$([fk])\$([A-Za-z0-9_-]{11})\$")
+_OTHER_VERSION = re.compile(rb"\$fc[0-9]+\$")
+_U32 = struct.Struct(">I")
+# urlsafe -> standard alphabet; characters of the standard alphabet and "=" become "*",
+# which strict base64 decoding rejects.
+_URLSAFE_TO_STD: Final = bytes.maketrans(b"-_+/=", b"+/***")
+# The last character of unpadded base64 must carry no stray low bits, so that each
+# stored value has exactly one spelling.
+_CANONICAL_LAST: Final = {
+    2: frozenset(b"AQgw"),
+    3: frozenset(b"AEIMQUYcgkosw048"),
+}
+
+
+class KeyMaterialError(ValueError):
+    """A secret or key cannot be turned into a 256-bit key. The message never holds the secret."""
+
+
+class DecryptError(Exception):
+    """A stored value cannot be decrypted. The message is the reason; never the value or a key."""
+
+    reason: str
+    field: bytes | None
+
+    def __init__(self, reason: str, field: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def is_encrypted(value: bytes) -> bool:
+    """True when the value is a version 1 envelope (by its prefix; not authenticated)."""
+    return value.startswith(HEADER_PREFIX)
+
+
+def is_raw_key(secret: str) -> bool:
+    """True when the secret names a raw key (``base64:`` or ``hex:``), valid or not."""
+    return secret.startswith((RAW_BASE64_PREFIX, RAW_HEX_PREFIX))
+
+
+def passphrase_is_weak(secret: str) -> bool:
+    """True for a passphrase (not a raw key) shorter than 32 characters."""
+    return not is_raw_key(secret) and len(secret) < WEAK_PASSPHRASE_LENGTH
+
+
+def generate_key() -> str:
+    """A fresh random key, spelled as a secret: ``base64:`` and 32 random bytes."""
+    return RAW_BASE64_PREFIX + base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii")
+
+
+def derive_key(secret: str) -> bytes:
+    """The 256-bit key a secret stands for: a raw key as given, or scrypt of a passphrase.
+
+    Slow for passphrases (scrypt, ~100 ms): derive once at start-up.
+    """
+    if not secret:
+        raise KeyMaterialError("the secret is empty")
+    if secret.startswith(RAW_BASE64_PREFIX):
+        return _decode_base64_key(secret[len(RAW_BASE64_PREFIX) :])
+    if secret.startswith(RAW_HEX_PREFIX):
+        return _decode_hex_key(secret[len(RAW_HEX_PREFIX) :])
+    try:
+        passphrase = secret.encode("utf-8")
+    except UnicodeEncodeError:
+        # the UnicodeEncodeError itself holds the secret: do not chain it
+        raise KeyMaterialError("the passphrase is not valid Unicode text") from None
+    return hashlib.scrypt(
+        passphrase,
+        salt=SCRYPT_SALT,
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        maxmem=_SCRYPT_MAXMEM,
+        dklen=KEY_SIZE,
+    )
+
+
+def _decode_base64_key(text: str) -> bytes:
+    try:
+        key = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise KeyMaterialError(
+            "the text after 'base64:' is not valid standard base64; "
+            "generate a key with 'fieldcrypt keygen'"
+        ) from None
+    if len(key) != KEY_SIZE:
+        raise KeyMaterialError(
+            f"a 'base64:' key must decode to exactly {KEY_SIZE} bytes, not {len(key)}"
+        )
+    return key
+
+
+def _decode_hex_key(text: str) -> bytes:
+    if len(text) != 2 * KEY_SIZE:
+        raise KeyMaterialError(
+            f"a 'hex:' key must be exactly {2 * KEY_SIZE} hex digits, not {len(text)} characters"
+        )
+    if not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise KeyMaterialError("the text after 'hex:' holds a character that is not a hex digit")
+    return bytes.fromhex(text)
+
+
+def _key_id(key: bytes) -> str:
+    digest = hmac.new(key, _KID_LABEL, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:8]).rstrip(b"=").decode("ascii")
+
+
+class Key:
+    """One 256-bit key, known by its key id. Read-only; its repr never shows key bytes."""
+
+    __slots__ = ("_aead", "_decrypt_only", "_header_field", "_header_key", "_kid")
+
+    _aead: AESGCM
+    _decrypt_only: bool
+    _header_field: bytes
+    _header_key: bytes
+    _kid: str
+
+    def __init__(self, key: bytes, decrypt_only: bool = False) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise KeyMaterialError(f"a key must be exactly {KEY_SIZE} bytes")
+        self._aead = AESGCM(key)
+        self._decrypt_only = bool(decrypt_only)
+        self._kid = _key_id(key)
+        kid = self._kid.encode("ascii")
+        self._header_field = HEADER_PREFIX + MODE_FIELD + b"$" + kid + b"$"
+        self._header_key = HEADER_PREFIX + MODE_KEY + b"$" + kid + b"$"
+
+    @classmethod
+    def from_bytes(cls, key: bytes, decrypt_only: bool = False) -> Key:
+        return cls(key, decrypt_only)
+
+    @classmethod
+    def from_secret(cls, secret: str, decrypt_only: bool = False) -> Key:
+        """The key a configured secret stands for (see derive_key; slow for passphrases)."""
+        return cls(derive_key(secret), decrypt_only)
+
+    @property
+    def kid(self) -> str:
+        return self._kid
+
+    @property
+    def decrypt_only(self) -> bool:
+        return self._decrypt_only
+
+    def __repr__(self) -> str:
+        return f"Key(kid={self._kid!r}, decrypt_only={self._decrypt_only!r})"
+
+
+class KeyRing:
+    """Keys that decrypt, the first non-decrypt-only one of which (the primary) encrypts."""
+
+    __slots__ = ("_by_kid", "keys", "primary")
+
+    keys: tuple[Key, ...]
+    primary: Key | None
+
+    def __init__(self, keys: Sequence[Key]) -> None:
+        self.keys = tuple(keys)
+        if not self.keys:
+            raise ValueError("a key ring needs at least one key")
+        self._by_kid: dict[bytes, Key] = {}
+        for position, key in enumerate(self.keys):
+            kid = key.kid.encode("ascii")
+            if kid in self._by_kid:
+                first = self.keys.index(self._by_kid[kid])
+                raise ValueError(
+                    f"two entries hold the same key (id {key.kid}, "
+                    f"entries {first} and {position}); remove one"
+                )
+            self._by_kid[kid] = key
+        self.primary = next((key for key in self.keys if not key.decrypt_only), None)
+
+    def __repr__(self) -> str:
+        return f"KeyRing({list(self.keys)!r})"
+
+    def encrypt(self, plaintext: bytes, field: bytes, key: bytes | None = None) -> bytes:
+        """Seal a value of hash ``field`` under the primary key; with ``key`` (the Redis
+        key name) the value is bound to it too (mode k)."""
+        return self._encrypt_with_nonce(plaintext, field, key, os.urandom(NONCE_SIZE))
+
+    def _encrypt_with_nonce(
+        self, plaintext: bytes, field: bytes, key: bytes | None, nonce: bytes
+    ) -> bytes:
+        # Tests and the documented vectors only: a nonce must never repeat under a key.
+        primary = self.primary
+        if primary is None:
+            raise RuntimeError(
+                "the key ring cannot encrypt: every key is decrypt_only; "
+                "add a key that is not decrypt_only"
+            )
+        if key is None:
+            header = primary._header_field
+            aad = header + _U32.pack(len(field)) + field
+        else:
+            header = primary._header_key
+            aad = header + _U32.pack(len(field)) + field + _U32.pack(len(key)) + key
+        sealed = primary._aead.encrypt(nonce, plaintext, aad)
+        return header + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=")
+
+    def decrypt(self, value: bytes, field: bytes, key: bytes) -> bytes:
+        """Open a stored value of hash ``field`` in Redis key ``key`` (the key name counts
+        only for mode k envelopes). Raises DecryptError."""
+        header = _HEADER.match(value)
+        if header is None:
+            if _OTHER_VERSION.match(value) and not value.startswith(HEADER_PREFIX):
+                raise DecryptError(REASON_VERSION, field)
+            raise DecryptError(REASON_MALFORMED, field)
+        mode, kid = header.groups()
+        ring_key = self._by_kid.get(kid)
+        if ring_key is None:
+            raise DecryptError(REASON_UNKNOWN_KID.format(kid=kid.decode("ascii")), field)
+        sealed = _decode_payload(value, field)
+        if mode == MODE_FIELD:
+            aad = value[:_HEADER_LENGTH] + _U32.pack(len(field)) + field
+        else:
+            aad = value[:_HEADER_LENGTH] + _U32.pack(len(field)) + field + _U32.pack(len(key)) + key
+        view = memoryview(sealed)
+        try:
+            return ring_key._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise DecryptError(REASON_AUTHENTICATION, field) from None
+
+    @staticmethod
+    def kid_of(value: bytes) -> str | None:
+        """The key id in an envelope's header; None when the value is not an envelope."""
+        header = _HEADER.match(value)
+        return None if header is None else header.group(2).decode("ascii")
+
+    def needs_rotation(self, value: bytes) -> bool:
+        """True for an envelope sealed under a key other than the primary (not for
+        plaintext, and never in decrypt-only mode)."""
+        kid = self.kid_of(value)
+        return kid is not None and self.primary is not None and kid != self.primary.kid
+
+
+def _decode_payload(value: bytes, field: bytes) -> bytes:
+    payload = value[_HEADER_LENGTH:]
+    tail = len(payload) % 4
+    if len(payload) < _MIN_PAYLOAD_CHARS or tail == 1:
+        raise DecryptError(REASON_MALFORMED, field)
+    if tail and payload[-1] not in _CANONICAL_LAST[tail]:
+        raise DecryptError(REASON_MALFORMED, field)
+    padded = payload.translate(_URLSAFE_TO_STD) + b"=" * (4 - tail if tail else 0)
+    try:
+        return binascii.a2b_base64(padded, strict_mode=True)
+    except binascii.Error:
+        raise DecryptError(REASON_MALFORMED, field) from None
