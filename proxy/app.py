@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
 
-from proxy.config import ConfigError, parse_upstream
+from proxy.commands import FieldCrypt, build_handlers
+from proxy.config import ConfigError, Settings, build_keyring, parse_upstream
 from proxy.embedded import EmbeddedError, EmbeddedServer
 from proxy.server import ProxyServer, ProxyState, Target, add_signal_handlers, install_uvloop
 from proxy.session import Handler, base_dispatch
@@ -20,7 +20,7 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def build_target(settings: Any, url: str) -> Target:
+def build_target(settings: Settings, url: str) -> Target:
     upstream = parse_upstream(url)
     return Target(
         host=upstream.host,
@@ -32,14 +32,33 @@ def build_target(settings: Any, url: str) -> Target:
     )
 
 
-def build_dispatch(settings: Any) -> dict[bytes, Handler]:
-    return base_dispatch()
+def build_crypt(settings: Settings) -> FieldCrypt | None:
+    """The field encryption engine, or None when nothing is protected and no key is set."""
+    if not settings.rules and not settings.keys:
+        return None
+    warnings: list[str] = []
+    keyring = build_keyring(settings, os.environ, warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if keyring.primary is None:
+        log.warning(
+            "no key can encrypt (all are decrypt_only): protected fields are written in cleartext"
+        )
+    return FieldCrypt(settings.rule_set, keyring, settings.on_decrypt_error)
 
 
-def build_state(settings: Any, url: str) -> ProxyState:
+def build_dispatch(crypt: FieldCrypt | None) -> dict[bytes, Handler]:
+    dispatch = base_dispatch()
+    dispatch.update(build_handlers(crypt))
+    return dispatch
+
+
+def build_state(settings: Settings, url: str) -> ProxyState:
+    crypt = build_crypt(settings)
     return ProxyState(
         target=build_target(settings, url),
-        dispatch=build_dispatch(settings),
+        dispatch=build_dispatch(crypt),
+        crypt=crypt,
         max_request=settings.max_request_bytes,
         max_clients=settings.max_clients,
         max_client_output=settings.max_client_output_bytes,
@@ -47,7 +66,7 @@ def build_state(settings: Any, url: str) -> ProxyState:
     )
 
 
-def run(settings: Any) -> int:
+def run(settings: Settings) -> int:
     loop_name = install_uvloop()
     embedded: EmbeddedServer | None = None
     url = settings.upstream
@@ -68,7 +87,7 @@ def run(settings: Any) -> int:
             log.info("embedded server stopped")
 
 
-async def _serve(settings: Any, state: ProxyState, loop_name: str) -> int:
+async def _serve(settings: Settings, state: ProxyState, loop_name: str) -> int:
     server = ProxyServer(state)
     host, port = split_listen(settings.listen)
     try:

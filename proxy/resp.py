@@ -18,7 +18,7 @@ for the few replies the proxy rewrites.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 PROTO_INLINE_MAX_SIZE: Final = 64 * 1024  # Redis's limit on an unterminated line
 PROTO_MAX_BULK_LEN: Final = 512 * 1024 * 1024  # Redis's default proto-max-bulk-len
@@ -431,7 +431,7 @@ class Simple:
     raw: bytes  # the whole line, type byte and CRLF included
 
 
-Value = Union[Aggregate, Blob, Simple, None]  # None: the RESP2 null bulk `$-1`
+Value = Aggregate | Blob | Simple | None  # None: the RESP2 null bulk `$-1`
 
 
 def decode(buf: bytes | bytearray, pos: int = 0) -> tuple[Value, int]:

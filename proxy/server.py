@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from proxy import resp
 from proxy.session import Handler, Session
@@ -79,6 +79,7 @@ class ProxyState:
     max_clients: int = 10000
     max_client_output: int = 64 * 1024 * 1024
     idle_timeout: float = 0.0
+    crypt: Any = None  # commands.FieldCrypt, when fields are protected
     stats: Stats = field(default_factory=Stats)
 
 
@@ -104,9 +105,10 @@ class UpstreamProtocol(asyncio.Protocol):
         self.client = client
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         self.client.from_upstream(data)
@@ -140,8 +142,9 @@ class ClientConnection(asyncio.Protocol):
 
     # --- client side ----------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
+        self.transport = transport
         stats = self.state.stats
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):

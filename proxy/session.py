@@ -23,6 +23,12 @@ from typing import Final
 from proxy import resp
 
 Send = Callable[[bytes], None]
+
+
+class ReplyError(Exception):
+    """Raised by a transform: the client gets this error (its str) instead of the reply."""
+
+
 Transform = Callable[["Session", bytes], bytes]
 """Rewrites one complete reply (never an error reply) for the client."""
 
@@ -83,9 +89,17 @@ class TransformEntry(Entry):
         self.transform = transform
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
-        if frame[0] in resp.ERROR_TYPES:
-            return frame
-        return self.transform(session, frame)
+        return _apply(self.transform, session, frame)
+
+
+def _apply(transform: Transform, session: Session, frame: bytes) -> bytes:
+    """A reply through its transform; error replies pass untouched."""
+    if frame[0] in resp.ERROR_TYPES:
+        return frame
+    try:
+        return transform(session, frame)
+    except ReplyError as error:
+        return resp.error_reply(str(error))
 
 
 class LocalEntry(Entry):
@@ -185,9 +199,7 @@ class ExecEntry(Entry):
         parts = [frame[:header_end]]
         for transform, (start, end) in zip(queued, spans, strict=True):
             element = frame[start:end]
-            if transform is not None and element[0] not in resp.ERROR_TYPES:
-                element = transform(session, element)
-            parts.append(element)
+            parts.append(element if transform is None else _apply(transform, session, element))
         return b"".join(parts)
 
 
@@ -318,7 +330,7 @@ class Session:
                 count += 1
                 if inline is None and not self._slow and name not in dispatch:
                     if pending and type(pending[-1]) is int:
-                        pending[-1] += 1  # type: ignore[operator]
+                        pending[-1] += 1
                     else:
                         pending.append(1)
                     continue
@@ -390,6 +402,7 @@ class Session:
         if name == b"MULTI":
             self.in_multi = True
             self.multi_refused = False
+            self._update_slow()
             return 1
         if name in (b"EXEC", b"DISCARD"):
             multi, refused = self.in_multi, self.multi_refused
@@ -447,7 +460,7 @@ class Session:
         pending = self.pending
         if type(entry) is int:
             if pending and type(pending[-1]) is int:
-                pending[-1] += 1  # type: ignore[operator]
+                pending[-1] += 1
             else:
                 pending.append(1)
         else:

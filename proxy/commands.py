@@ -1,0 +1,505 @@
+"""The command table: what field encryption does to each hash command.
+
+Each entry takes a request's arguments and answers with a `session.Forward`
+(the request as it goes to Redis, and what its reply goes through), a
+`session.Answer` (a refusal Redis never sees), or None (forward untouched).
+Requests on keys that no rule names are left alone, so the cost of a
+command on unprotected data is one rule lookup.
+
+Field names are never encrypted: HKEYS, HEXISTS, HDEL, HLEN and the field
+TTL commands need no entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Final
+
+import hiredis
+
+from proxy import resp
+from proxy.crypto import HEADER_PREFIX, DecryptError, KeyRing
+from proxy.rules import Glob, Rule, RuleSet
+from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
+
+log = logging.getLogger("fieldcrypt")
+
+
+def _name(raw: bytes) -> str:
+    """A key or field name for a message: printable, never a value."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+class FieldCrypt:
+    """Rules, key ring and policy: encrypts and decrypts one field value at a time."""
+
+    def __init__(self, rules: RuleSet, keyring: KeyRing, on_decrypt_error: str = "error") -> None:
+        self.rules = rules
+        self.keyring = keyring
+        self.raw_on_error = on_decrypt_error == "raw"
+        self.counts: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self._field_globs = [Glob(f.encode()) for rule in rules.rules for f in rule.fields]
+
+    def seal(self, rule: Rule, key: bytes, field: bytes, value: bytes) -> bytes:
+        """The stored form of a protected value: ciphertext, or cleartext in decrypt-only mode."""
+        if self.keyring.primary is None:
+            return value
+        self.counts["encrypted"] += 1
+        return self.keyring.encrypt(value, field, key if rule.bind_key else None)
+
+    def open(self, rule: Rule | None, key: bytes, field: bytes, value: bytes) -> bytes:
+        """The plaintext of a stored value; raises ReplyError where policy says so."""
+        if not value.startswith(HEADER_PREFIX):
+            if rule is not None and rule.require_encrypted:
+                self.failures["cleartext refused"] += 1
+                log.warning(
+                    "refused cleartext in field %r of key %r (require_encrypted)",
+                    _name(field),
+                    _name(key),
+                )
+                raise ReplyError(
+                    f"ERR fieldcrypt: field '{_name(field)}' of key '{_name(key)}' holds "
+                    "cleartext, but its rule requires encryption; run MIGRATE to encrypt it"
+                )
+            if rule is not None:
+                self.counts["cleartext read"] += 1
+            return value
+        try:
+            plain = self.keyring.decrypt(value, field, key)
+        except DecryptError as error:
+            reason = error.reason
+            kind = reason.split(" (", 1)[0].split(" has id", 1)[0]
+            self.failures[kind] += 1
+            log.warning("cannot decrypt field %r of key %r: %s", _name(field), _name(key), reason)
+            if self.raw_on_error:
+                return value
+            hint = "; add the old key to keys:" if reason.startswith("no key in the ring") else ""
+            raise ReplyError(
+                f"ERR fieldcrypt: cannot decrypt field '{_name(field)}' of key "
+                f"'{_name(key)}': {reason}{hint}"
+            ) from None
+        self.counts["decrypted"] += 1
+        return plain
+
+    def field_is_protected(self, field: bytes) -> bool:
+        """Whether some rule protects a field of this name, for any key."""
+        return any(glob.matches(field) for glob in self._field_globs)
+
+
+# --- Reply shapes -------------------------------------------------------------
+
+
+def _decode(frame: bytes) -> Any:
+    reader = hiredis.Reader()
+    reader.feed(frame)
+    return reader.gets()
+
+
+def _null(session: Session) -> bytes:
+    return b"_\r\n" if session.resp3 else b"$-1\r\n"
+
+
+def _encode_flat(session: Session, items: list[Any], out: list[bytes]) -> None:
+    for item in items:
+        if item is None:
+            out.append(_null(session))
+        elif isinstance(item, list):
+            out.append(b"*%d\r\n" % len(item))
+            _encode_flat(session, item, out)
+        else:
+            out.append(b"$%d\r\n%s\r\n" % (len(item), item))
+
+
+def _array(session: Session, items: list[Any]) -> bytes:
+    out = [b"*%d\r\n" % len(items)]
+    _encode_flat(session, items, out)
+    return b"".join(out)
+
+
+def _bulk_value(frame: bytes) -> bytes | None:
+    if frame[0] == 95 or frame.startswith(b"$-1"):  # '_' or $-1: null
+        return None
+    nl = frame.index(b"\r\n")
+    return frame[nl + 2 : -2]
+
+
+# --- The handlers ---------------------------------------------------------------
+
+
+class Table:
+    """Builds the handlers for one configuration."""
+
+    def __init__(self, crypt: FieldCrypt) -> None:
+        self.crypt = crypt
+        self.rules = crypt.rules
+
+    def handlers(self) -> dict[bytes, Handler]:
+        table: dict[bytes, Handler] = {
+            b"HSET": self.hset,
+            b"HMSET": self.hset,
+            b"HSETNX": self.hset,
+            b"HSETEX": self.hsetex,
+            b"HGET": self.hget,
+            b"HMGET": self.hmget,
+            b"HGETALL": self.hgetall,
+            b"HVALS": self.hvals,
+            b"HSCAN": self.hscan,
+            b"HRANDFIELD": self.hrandfield,
+            b"HSTRLEN": self.hstrlen,
+            b"HGETDEL": self.hget_fields,
+            b"HGETEX": self.hget_fields,
+            b"HINCRBY": self.refuse_arithmetic,
+            b"HINCRBYFLOAT": self.refuse_arithmetic,
+            b"SORT": self.sort,
+            b"SORT_RO": self.sort,
+        }
+        if any(rule.refuse_scripts for rule in self.rules.rules):
+            for name, first_key in SCRIPT_KEY_POSITIONS.items():
+                table[name] = self._script_guard(first_key)
+        return table
+
+    def _rule(self, session: Session, key: bytes, field: bytes) -> Rule | None:
+        key_rules = self.rules.match_key(session.db, key)
+        return key_rules.field_rule(field) if key_rules is not None else None
+
+    # Writes ----------------------------------------------------------------------
+
+    def _seal_pairs(self, session: Session, args: list[bytes], start: int) -> bool:
+        """Encrypt protected values in the field/value pairs from args[start]."""
+        key = args[1]
+        key_rules = self.rules.match_key(session.db, key)
+        if key_rules is None:
+            return False
+        changed = False
+        for i in range(start, len(args) - 1, 2):
+            rule = key_rules.field_rule(args[i])
+            if rule is not None:
+                args[i + 1] = self.crypt.seal(rule, key, args[i], args[i + 1])
+                changed = True
+        return changed
+
+    def hset(self, session: Session, args: list[bytes]) -> Outcome:
+        # HSET/HMSET key field value [field value ...], HSETNX key field value
+        if len(args) < 4 or len(args) % 2:
+            return None  # Redis answers the arity error
+        if self._seal_pairs(session, args, 2):
+            return Forward(resp.encode_request(args))
+        return None
+
+    def hsetex(self, session: Session, args: list[bytes]) -> Outcome:
+        # HSETEX key [options] FIELDS numfields field value [field value ...]
+        start = _fields_start(args)
+        if start is None or len(args) < 3:
+            return None
+        if self._seal_pairs(session, args, start):
+            return Forward(resp.encode_request(args))
+        return None
+
+    def refuse_arithmetic(self, session: Session, args: list[bytes]) -> Outcome:
+        if len(args) != 4:
+            return None
+        if self._rule(session, args[1], args[2]) is None:
+            return None
+        return Answer(
+            resp.error_reply(
+                f"ERR fieldcrypt: {_name(args[0]).upper()} cannot work on field "
+                f"'{_name(args[2])}' of key '{_name(args[1])}': it is stored encrypted"
+            ),
+            refusal=True,
+        )
+
+    # Reads -----------------------------------------------------------------------
+
+    def hget(self, session: Session, args: list[bytes]) -> Outcome:
+        if len(args) != 3:
+            return None
+        key, field = args[1], args[2]
+        rule = self._rule(session, key, field)
+        if rule is None:
+            return None
+        crypt = self.crypt
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            value = _bulk_value(frame)
+            if value is None:
+                return frame
+            return resp.bulk(crypt.open(rule, key, field, value))
+
+        return Forward(transform=transform)
+
+    def _values_for_fields(
+        self, session: Session, key: bytes, fields: list[bytes]
+    ) -> Transform | None:
+        """A transform for a flat array of values answering `fields` in order."""
+        key_rules = self.rules.match_key(session.db, key)
+        if key_rules is None:
+            return None
+        protected = [key_rules.field_rule(f) for f in fields]
+        if not any(protected):
+            return None
+        crypt = self.crypt
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            values = _decode(frame)
+            if not isinstance(values, list) or len(values) != len(fields):
+                return frame
+            for i, rule in enumerate(protected):
+                if rule is not None and values[i] is not None:
+                    values[i] = crypt.open(rule, key, fields[i], values[i])
+            return _array(session, values)
+
+        return transform
+
+    def hmget(self, session: Session, args: list[bytes]) -> Outcome:
+        if len(args) < 3:
+            return None
+        transform = self._values_for_fields(session, args[1], args[2:])
+        return Forward(transform=transform) if transform else None
+
+    def hget_fields(self, session: Session, args: list[bytes]) -> Outcome:
+        # HGETDEL key FIELDS numfields field ...; HGETEX key [options] FIELDS numfields field ...
+        start = _fields_start(args)
+        if start is None:
+            return None
+        transform = self._values_for_fields(session, args[1], args[start:])
+        return Forward(transform=transform) if transform else None
+
+    def _open_pairs(self, session: Session, key: bytes, pairs: list[Any]) -> list[Any]:
+        """Decrypt the values of a flat field/value list, in place."""
+        key_rules = self.rules.match_key(session.db, key)
+        if key_rules is None:
+            return pairs
+        crypt = self.crypt
+        for i in range(0, len(pairs) - 1, 2):
+            rule = key_rules.field_rule(pairs[i])
+            if rule is not None and pairs[i + 1] is not None:
+                pairs[i + 1] = crypt.open(rule, key, pairs[i], pairs[i + 1])
+        return pairs
+
+    def hgetall(self, session: Session, args: list[bytes]) -> Outcome:
+        if len(args) != 2 or self.rules.match_key(session.db, args[1]) is None:
+            return None
+        key = args[1]
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            reply = _decode(frame)
+            if isinstance(reply, dict):  # RESP3 map
+                pairs = [item for pair in reply.items() for item in pair]
+                self._open_pairs(session, key, pairs)
+                out = [b"%%%d\r\n" % len(reply)]
+                _encode_flat(session, pairs, out)
+                return b"".join(out)
+            if isinstance(reply, list):
+                return _array(session, self._open_pairs(session, key, reply))
+            return frame
+
+        return Forward(transform=transform)
+
+    def hvals(self, session: Session, args: list[bytes]) -> Outcome:
+        # Values alone can't be decrypted (each is bound to its field name): ask for
+        # HGETALL, which reads the same snapshot, and drop the names.
+        if len(args) != 2 or self.rules.match_key(session.db, args[1]) is None:
+            return None
+        key = args[1]
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            reply = _decode(frame)
+            if isinstance(reply, dict):
+                pairs = [item for pair in reply.items() for item in pair]
+            elif isinstance(reply, list):
+                pairs = reply
+            else:
+                return frame
+            return _array(session, self._open_pairs(session, key, pairs)[1::2])
+
+        return Forward(resp.encode_request([b"HGETALL", key]), transform)
+
+    def hscan(self, session: Session, args: list[bytes]) -> Outcome:
+        # HSCAN key cursor [MATCH pattern] [COUNT count] [NOVALUES]
+        if len(args) < 3 or self.rules.match_key(session.db, args[1]) is None:
+            return None
+        if any(arg.upper() == b"NOVALUES" for arg in args[3:]):
+            return None
+        key = args[1]
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            reply = _decode(frame)
+            if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
+                return frame
+            self._open_pairs(session, key, reply[1])
+            return _array(session, reply)
+
+        return Forward(transform=transform)
+
+    def hrandfield(self, session: Session, args: list[bytes]) -> Outcome:
+        # HRANDFIELD key [count [WITHVALUES]]
+        if len(args) != 4 or args[3].upper() != b"WITHVALUES":
+            return None
+        if self.rules.match_key(session.db, args[1]) is None:
+            return None
+        key = args[1]
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            reply = _decode(frame)
+            if not isinstance(reply, list):
+                return frame
+            if reply and isinstance(reply[0], list):  # RESP3: [[field, value], ...]
+                for pair in reply:
+                    self._open_pairs(session, key, pair)
+            else:
+                self._open_pairs(session, key, reply)
+            return _array(session, reply)
+
+        return Forward(transform=transform)
+
+    def hstrlen(self, session: Session, args: list[bytes]) -> Outcome:
+        # The stored length is the ciphertext's: read the value and measure the plaintext.
+        if len(args) != 3:
+            return None
+        key, field = args[1], args[2]
+        rule = self._rule(session, key, field)
+        if rule is None:
+            return None
+        crypt = self.crypt
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            value = _bulk_value(frame)
+            if value is None:
+                return b":0\r\n"
+            return b":%d\r\n" % len(crypt.open(rule, key, field, value))
+
+        return Forward(resp.encode_request([b"HGET", key, field]), transform)
+
+    def sort(self, session: Session, args: list[bytes]) -> Outcome:
+        # SORT key [BY pattern] [LIMIT offset count] [GET pattern ...] [ASC|DESC] [ALPHA]
+        #      [STORE destination]
+        options = _sort_options(args)
+        if options is None:
+            return None
+        by, gets, store = options
+        crypt = self.crypt
+        if by is not None and b"->" in by and crypt.field_is_protected(by.split(b"->", 1)[1]):
+            return Answer(
+                resp.error_reply(
+                    f"ERR fieldcrypt: SORT cannot sort BY '{_name(by)}': "
+                    "that field is stored encrypted"
+                ),
+                refusal=True,
+            )
+        protected = [
+            i
+            for i, pattern in enumerate(gets)
+            if b"->" in pattern and crypt.field_is_protected(pattern.split(b"->", 1)[1])
+        ]
+        if not protected:
+            return None
+        if store:
+            return Answer(
+                resp.error_reply(
+                    "ERR fieldcrypt: SORT ... STORE would copy encrypted field values into "
+                    "a list; read them with SORT ... GET without STORE"
+                ),
+                refusal=True,
+            )
+        request = args
+        element_column: int | None = gets.index(b"#") if b"#" in gets else None
+        columns = len(gets)
+        if element_column is None:  # the element names the hash: ask for it too
+            request = [*args, b"GET", b"#"]
+            element_column = columns
+            columns += 1
+        width = len(gets)
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            rows = _decode(frame)
+            if not isinstance(rows, list) or len(rows) % columns:
+                return frame
+            out: list[Any] = []
+            for row in range(0, len(rows), columns):
+                element = rows[row + element_column]
+                for i in range(width):
+                    value = rows[row + i]
+                    if i in protected and value is not None and element is not None:
+                        pattern, field = gets[i].split(b"->", 1)
+                        key = pattern.replace(b"*", element, 1)
+                        value = crypt.open(self._rule(session, key, field), key, field, value)
+                    out.append(value)
+            return _array(session, out)
+
+        return Forward(resp.encode_request(request) if request is not args else None, transform)
+
+    def _script_guard(self, keys_at: int) -> Handler:
+        """Refuse a script whose KEYS name a key under a rule with refuse_scripts."""
+
+        def guard(session: Session, args: list[bytes]) -> Outcome:
+            try:
+                numkeys = int(args[keys_at - 1])
+            except (IndexError, ValueError):
+                return None
+            for key in args[keys_at : keys_at + numkeys]:
+                key_rules = self.rules.match_key(session.db, key)
+                if key_rules is not None and any(r.refuse_scripts for r in key_rules.rules):
+                    return Answer(
+                        resp.error_reply(
+                            f"ERR fieldcrypt: scripts may not touch protected key "
+                            f"'{_name(key)}' (refuse_scripts is set for its rule)"
+                        ),
+                        refusal=True,
+                    )
+            return None
+
+        return guard
+
+
+# EVAL script numkeys key...: the keys start at index 3 (numkeys at 2).
+SCRIPT_KEY_POSITIONS: Final = {
+    b"EVAL": 3,
+    b"EVALSHA": 3,
+    b"EVAL_RO": 3,
+    b"EVALSHA_RO": 3,
+    b"FCALL": 3,
+    b"FCALL_RO": 3,
+}
+
+
+def _fields_start(args: list[bytes]) -> int | None:
+    """Index of the first field after `FIELDS numfields` (HSETEX, HGETEX, HGETDEL)."""
+    for i in range(2, len(args) - 1):
+        if args[i].upper() == b"FIELDS":
+            return i + 2
+    return None
+
+
+def _sort_options(args: list[bytes]) -> tuple[bytes | None, list[bytes], bool] | None:
+    """(BY pattern, GET patterns, has STORE) of a SORT request; None if it won't parse."""
+    by: bytes | None = None
+    gets: list[bytes] = []
+    store = False
+    i = 2
+    try:
+        while i < len(args):
+            word = args[i].upper()
+            if word == b"BY":
+                by = args[i + 1]
+                i += 2
+            elif word == b"GET":
+                gets.append(args[i + 1])
+                i += 2
+            elif word == b"LIMIT":
+                i += 3
+            elif word == b"STORE":
+                store = True
+                i += 2
+            else:
+                i += 1
+    except IndexError:
+        return None
+    return by, gets, store
+
+
+def build_handlers(crypt: FieldCrypt | None) -> dict[bytes, Handler]:
+    if crypt is None or crypt.rules.is_empty:
+        return {}
+    return Table(crypt).handlers()
