@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 
+from proxy.admin import Admin, AdminConfig, Jobs
+from proxy.client import RedisClient
 from proxy.commands import FieldCrypt, build_handlers
 from proxy.config import ConfigError, Settings, build_keyring, parse_upstream
 from proxy.embedded import EmbeddedError, EmbeddedServer
@@ -47,23 +49,30 @@ def build_crypt(settings: Settings) -> FieldCrypt | None:
     return FieldCrypt(settings.rule_set, keyring, settings.on_decrypt_error)
 
 
-def build_dispatch(crypt: FieldCrypt | None) -> dict[bytes, Handler]:
+def build_dispatch(crypt: FieldCrypt | None, admin: Admin) -> dict[bytes, Handler]:
     dispatch = base_dispatch()
     dispatch.update(build_handlers(crypt))
+    dispatch.update(admin.handlers())
     return dispatch
 
 
 def build_state(settings: Settings, url: str) -> ProxyState:
     crypt = build_crypt(settings)
-    return ProxyState(
-        target=build_target(settings, url),
-        dispatch=build_dispatch(crypt),
+    target = build_target(settings, url)
+    state = ProxyState(
+        target=target,
+        dispatch={},
         crypt=crypt,
         max_request=settings.max_request_bytes,
         max_clients=settings.max_clients,
         max_client_output=settings.max_client_output_bytes,
         idle_timeout=settings.idle_timeout,
     )
+    jobs = Jobs(lambda: RedisClient.connect(state.target), lambda: state.crypt, target.db)
+    admin = Admin(AdminConfig(settings.admin_username, settings.admin_password), jobs)
+    state.dispatch = build_dispatch(crypt, admin)
+    state.jobs = jobs
+    return state
 
 
 def run(settings: Settings) -> int:

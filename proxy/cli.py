@@ -68,6 +68,27 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="YAML configuration file")
 
     commands.add_parser("keygen", help="print a new random 256-bit key")
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="rewrite stored values: encrypt cleartext, re-key, or decrypt back",
+        description="--secret alone encrypts cleartext; --secret with --decrypt re-keys "
+        "(each old secret is tried); --decrypt alone decrypts back to cleartext. Without "
+        "either, the key ring comes from the config file or FIELDCRYPT_SECRET. Exit code: "
+        "0 when nothing was left undecryptable, 1 otherwise, 2 for usage or connection errors.",
+    )
+    migrate.add_argument("--redis", metavar="URL", help="redis://[user:password@]host:port[/db]")
+    migrate.add_argument("--secret", help="the new key: values end up encrypted with it")
+    migrate.add_argument(
+        "--decrypt", action="append", default=[], metavar="OLD", help="an old key (repeatable)"
+    )
+    migrate.add_argument("--config", metavar="FILE", help="YAML configuration with rules:")
+    migrate.add_argument("--dry-run", action="store_true", help="change nothing; report and count")
+    migrate.add_argument("--match", metavar="GLOB", help="only keys matching this glob")
+    migrate.add_argument("--count", type=int, default=200, help="keys per SCAN page (200)")
+    migrate.add_argument(
+        "--rate", type=float, default=0, help="fields per second, 0 = no limit (default)"
+    )
     return top
 
 
@@ -80,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "migrate":
+        from proxy.migrate_cli import migrate_command
+
+        return migrate_command(args)
     return serve(args)
 
 

@@ -9,6 +9,7 @@ side's transport buffer fills, the other side stops being read.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from proxy import resp
-from proxy.session import Handler, Session
+from proxy.session import Defer, Handler, Session
 
 log = logging.getLogger("fieldcrypt")
 
@@ -80,6 +81,7 @@ class ProxyState:
     max_client_output: int = 64 * 1024 * 1024
     idle_timeout: float = 0.0
     crypt: Any = None  # commands.FieldCrypt, when fields are protected
+    jobs: Any = None  # admin.Jobs: the migration job
     stats: Stats = field(default_factory=Stats)
 
 
@@ -98,6 +100,15 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     return error.__class__.__name__
+
+
+def _is_loopback(peer: object) -> bool:
+    if not isinstance(peer, tuple):
+        return isinstance(peer, str)  # a Unix socket: same machine
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -167,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
             handshake=target.handshake(),
             max_request=self.state.max_request,
         )
+        self.session.loopback = _is_loopback(peer)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect())
         self._touch()
 
@@ -225,7 +237,20 @@ class ClientConnection(asyncio.Protocol):
             log.exception("internal error on a client connection; closing it")
             self.close()
             return
+        while session.jobs:
+            asyncio.get_running_loop().create_task(self._run_job(session, session.jobs.pop(0)))
         self._check_closing()
+
+    async def _run_job(self, session: Session, deferred: Defer) -> None:
+        """Produce a deferred reply (an admin command) and send it in its turn."""
+        try:
+            reply = await deferred.job()
+        except Exception as error:
+            log.exception("admin command failed")
+            reply = resp.error_reply(f"ERR fieldcrypt: {error.__class__.__name__}")
+        if self.session is session and not self.closed:
+            session.resolve(deferred.entry, reply)
+            self._check_closing()
 
     def pause_writing(self) -> None:
         """The client reads slower than Redis answers: stop reading Redis."""

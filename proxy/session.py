@@ -17,7 +17,7 @@ edit here.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from proxy import resp
@@ -55,12 +55,14 @@ class Answer:
 
 
 class Defer:
-    """A handler's answer: the reply comes later, through `Session.resolve`."""
+    """A handler's answer: the shell runs `job` and gives its result back
+    through `Session.resolve`; the reply goes out in its turn."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "job")
 
-    def __init__(self) -> None:
+    def __init__(self, job: Callable[[], Awaitable[bytes]]) -> None:
         self.entry = LocalEntry(None)
+        self.job = job
 
 
 Outcome = Forward | Answer | Defer | None
@@ -305,6 +307,9 @@ class Session:
         self.closing: str | None = None  # why the session ends once its replies are out
         self.failed: str | None = None  # an error that ends the session now
         self.commands = 0
+        self.jobs: list[Defer] = []  # deferred replies for the shell to produce
+        self.admin = False  # authenticated as fieldcrypt's admin user
+        self.loopback = False  # the client connects from this machine (set by the shell)
         self._slow = False  # every request goes through _dispatch, not just known names
         for what, args in self.handshake:
             self._send_internal(what, args)
@@ -368,6 +373,7 @@ class Session:
             return
         if isinstance(outcome, Defer):
             self.pending.append(outcome.entry)
+            self.jobs.append(outcome)
             return
         request = raw
         transform = None
