@@ -11,6 +11,7 @@ from proxy.client import RedisClient
 from proxy.commands import FieldCrypt, build_handlers
 from proxy.config import ConfigError, Settings, build_keyring, parse_upstream
 from proxy.embedded import EmbeddedError, EmbeddedServer
+from proxy.scripts import ScriptBook, Scripts
 from proxy.server import ProxyServer, ProxyState, Target, add_signal_handlers, install_uvloop
 from proxy.session import Handler, base_dispatch
 
@@ -49,9 +50,17 @@ def build_crypt(settings: Settings) -> FieldCrypt | None:
     return FieldCrypt(settings.rule_set, keyring, settings.on_decrypt_error)
 
 
-def build_dispatch(crypt: FieldCrypt | None, admin: Admin) -> dict[bytes, Handler]:
+def build_dispatch(
+    settings: Settings, crypt: FieldCrypt | None, admin: Admin
+) -> dict[bytes, Handler]:
     dispatch = base_dispatch()
     dispatch.update(build_handlers(crypt))
+    if crypt is not None and not crypt.rules.is_empty:
+        try:
+            book = ScriptBook.from_declarations(settings.scripts)
+        except OSError as error:
+            raise ConfigError(f"scripts: cannot read a body_file: {error}") from None
+        dispatch.update(Scripts(crypt, book, settings.script_policy).handlers())
     dispatch.update(admin.handlers())
     return dispatch
 
@@ -70,7 +79,7 @@ def build_state(settings: Settings, url: str) -> ProxyState:
     )
     jobs = Jobs(lambda: RedisClient.connect(state.target), lambda: state.crypt, target.db)
     admin = Admin(AdminConfig(settings.admin_username, settings.admin_password), jobs)
-    state.dispatch = build_dispatch(crypt, admin)
+    state.dispatch = build_dispatch(settings, crypt, admin)
     state.jobs = jobs
     return state
 

