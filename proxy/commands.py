@@ -60,8 +60,9 @@ class FieldCrypt:
                     display_name(key),
                 )
                 raise ReplyError(
-                    f"ERR fieldcrypt: field '{display_name(field)}' of key '{display_name(key)}' holds "
-                    "cleartext, but its rule requires encryption; run MIGRATE to encrypt it"
+                    f"ERR fieldcrypt: field '{display_name(field)}' of key "
+                    f"'{display_name(key)}' holds cleartext, but its rule requires "
+                    "encryption; run MIGRATE to encrypt it"
                 )
             if rule is not None:
                 self.counts["cleartext read"] += 1
@@ -207,7 +208,8 @@ class Table:
         return Answer(
             resp.error_reply(
                 f"ERR fieldcrypt: {display_name(args[0]).upper()} cannot work on field "
-                f"'{display_name(args[2])}' of key '{display_name(args[1])}': it is stored encrypted"
+                f"'{display_name(args[2])}' of key '{display_name(args[1])}': "
+                "it is stored encrypted"
             ),
             refusal=True,
         )
