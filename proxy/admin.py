@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from proxy import resp
 from proxy.client import ClientError, RedisClient
 from proxy.migrate import AlreadyRunning, Migration, Options, Report, run_locked
-from proxy.session import Answer, Defer, Handler, Outcome, Session
+from proxy.session import Answer, Defer, Forward, Handler, Outcome, Session
 
+WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 NOPERM = (
     "NOPERM fieldcrypt: admin commands need AUTH <admin-user> <admin-password> "
     "sent to the proxy (or a loopback client when no admin password is configured)"
@@ -50,6 +51,11 @@ def _encode_value(value: Any, out: list[bytes]) -> None:
 class AdminConfig:
     username: str
     password: str | None
+    client_password: str | None = None  # clients must AUTH to the proxy with it
+
+
+def _same(given: bytes, expected: str | None) -> bool:
+    return expected is not None and hmac.compare_digest(given, expected.encode())
 
 
 class Jobs:
@@ -143,24 +149,81 @@ def _parse_start(args: list[bytes]) -> Options | str:
 
 
 class Admin:
-    def __init__(self, config: AdminConfig, jobs: Jobs) -> None:
+    def __init__(
+        self,
+        config: AdminConfig,
+        jobs: Jobs,
+        info: Callable[[str | None], bytes] | None = None,
+        reload: Callable[[], Awaitable[str | None]] | None = None,
+        scripts: Callable[[], Any] | None = None,
+    ) -> None:
         self.config = config
         self.jobs = jobs
+        self.info = info
+        self.reload = reload
+        self.scripts = scripts
 
     def handlers(self) -> dict[bytes, Handler]:
-        return {b"AUTH": self.auth, b"MIGRATE": self.migrate}
+        handlers: dict[bytes, Handler] = {
+            b"AUTH": self.auth,
+            b"MIGRATE": self.migrate,
+            b"FIELDCRYPT": self.fieldcrypt,
+        }
+        if self.config.password is not None or self.config.client_password is not None:
+            handlers[b"HELLO"] = self.hello
+        return handlers
 
     def allowed(self, session: Session) -> bool:
         return session.admin or (self.config.password is None and session.loopback)
 
+    def _check(self, session: Session, user: bytes | None, password: bytes) -> bool | None:
+        """Credentials the proxy answers itself: True/False, or None for Redis to judge."""
+        config = self.config
+        if user is not None and user == config.username.encode() and config.password:
+            if _same(password, config.password):
+                session.admin = True
+                session.unlock()
+                return True
+            return False
+        if config.client_password is None:
+            return None
+        if user in (None, b"default") and _same(password, config.client_password):
+            session.unlock()
+            return True
+        return False
+
     def auth(self, session: Session, args: list[bytes]) -> Outcome:
-        password = self.config.password
-        if password is None or len(args) != 3 or args[1] != self.config.username.encode():
-            return None  # for Redis to answer
-        if hmac.compare_digest(args[2], password.encode()):
-            session.admin = True
-            return Answer(b"+OK\r\n")
-        return Answer(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+        # AUTH password | AUTH username password
+        if len(args) not in (2, 3):
+            return None
+        user = args[1] if len(args) == 3 else None
+        verdict = self._check(session, user, args[-1])
+        if verdict is None:
+            return None  # an ordinary AUTH, for Redis to answer
+        return Answer(b"+OK\r\n" if verdict else WRONGPASS)
+
+    def hello(self, session: Session, args: list[bytes]) -> Outcome:
+        # HELLO [protover [AUTH username password] [SETNAME clientname]]
+        upper = [a.upper() for a in args]
+        if b"AUTH" in upper[2:]:
+            at = upper.index(b"AUTH", 2)
+            if at + 2 >= len(args):
+                return None  # Redis answers the syntax error
+            verdict = self._check(session, args[at + 1], args[at + 2])
+            if verdict is None:
+                return None
+            if not verdict:
+                return Answer(WRONGPASS)
+            # Redis gets the HELLO without the credentials the proxy has checked.
+            return Forward(resp.encode_request(args[:at] + args[at + 3 :]))
+        if session.locked:
+            return Answer(
+                b"-NOAUTH HELLO must be called with the client already authenticated, "
+                b"otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
+                b"authenticate the client and select the RESP protocol version at the same "
+                b"time\r\n"
+            )
+        return None
 
     def migrate(self, session: Session, args: list[bytes]) -> Outcome:
         if _is_native_migrate(args):
@@ -199,6 +262,45 @@ class Admin:
             return encode_pairs(session, [("job", report.job_id), ("state", report.state)])
 
         return Defer(start)
+
+    def fieldcrypt(self, session: Session, args: list[bytes]) -> Outcome:
+        """FIELDCRYPT INFO [section] | RELOAD | SCRIPTS"""
+        if not self.allowed(session):
+            return Answer(resp.error_reply(NOPERM))
+        verb = args[1].upper() if len(args) > 1 else b""
+        if verb == b"INFO" and len(args) <= 3 and self.info is not None:
+            text = self.info(args[2].decode(errors="replace") if len(args) == 3 else None)
+            if session.resp3:  # a verbatim string, as Redis's INFO answers in RESP3
+                return Answer(b"=%d\r\ntxt:%s\r\n" % (len(text) + 4, text))
+            return Answer(resp.bulk(text))
+        if verb == b"RELOAD" and len(args) == 2 and self.reload is not None:
+            reload = self.reload
+
+            async def run_reload() -> bytes:
+                problem = await reload()
+                if problem is None:
+                    return b"+OK\r\n"
+                return resp.error_reply(
+                    f"ERR fieldcrypt: reload rejected, old config kept: {problem}"
+                )
+
+            return Defer(run_reload)
+        if verb == b"SCRIPTS" and len(args) == 2:
+            book = self.scripts() if self.scripts is not None else None
+            seen = sorted(book.seen.values(), key=lambda s: -s.calls) if book is not None else []
+            rows = [
+                [("script", s.ident), ("calls", s.calls), ("sample_key", s.sample_key)]
+                for s in seen
+            ]
+            out = [b"*%d\r\n" % len(rows)]
+            out.extend(encode_pairs(session, row) for row in rows)
+            return Answer(b"".join(out))
+        return Answer(
+            resp.error_reply(
+                "ERR fieldcrypt: unknown subcommand; use FIELDCRYPT INFO [section], "
+                "FIELDCRYPT RELOAD or FIELDCRYPT SCRIPTS"
+            )
+        )
 
     def _report(self, session: Session, report: Report | None) -> Answer:
         return Answer(self._encode_report(session, report))

@@ -1,19 +1,24 @@
-"""Wires settings into a running proxy: builds the shared state, starts, drains, stops."""
+"""Wires settings into a running proxy: builds the shared state, starts, reloads, drains, stops."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from proxy.admin import Admin, AdminConfig, Jobs
-from proxy.client import RedisClient
+from proxy.client import ClientError, RedisClient
 from proxy.commands import FieldCrypt, build_handlers
-from proxy.config import ConfigError, Settings, build_keyring, parse_upstream
+from proxy.config import ConfigError, Settings, build_keyring, load_settings, parse_upstream
 from proxy.embedded import EmbeddedError, EmbeddedServer
+from proxy.metrics import Metrics, info_text
 from proxy.scripts import ScriptBook, Scripts
 from proxy.server import ProxyServer, ProxyState, Target, add_signal_handlers, install_uvloop
 from proxy.session import Handler, base_dispatch
+from proxy.tls import client_context, server_context
 
 log = logging.getLogger("fieldcrypt")
 
@@ -24,13 +29,18 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def build_target(settings: Settings, url: str) -> Target:
-    upstream = parse_upstream(url)
+    try:
+        upstream = parse_upstream(url)
+    except ValueError as error:
+        raise ConfigError(f"upstream: {error}") from None
     return Target(
         host=upstream.host,
         port=upstream.port,
         username=settings.upstream_username or upstream.username,
         password=settings.upstream_password or upstream.password,
         db=upstream.db,
+        ssl_context=client_context(settings.upstream_tls) if upstream.tls else None,
+        server_hostname=settings.upstream_tls.server_hostname,
         connect_timeout=settings.connect_timeout,
     )
 
@@ -50,41 +60,131 @@ def build_crypt(settings: Settings) -> FieldCrypt | None:
     return FieldCrypt(settings.rule_set, keyring, settings.on_decrypt_error)
 
 
-def build_dispatch(
-    settings: Settings, crypt: FieldCrypt | None, admin: Admin
-) -> dict[bytes, Handler]:
-    dispatch = base_dispatch()
-    dispatch.update(build_handlers(crypt))
+@dataclass
+class Built:
+    """What a configuration makes; swapped in whole on reload."""
+
+    crypt: FieldCrypt | None
+    scripts: ScriptBook | None
+    handlers: dict[bytes, Handler]
+
+
+def build_handlers_for(settings: Settings) -> Built:
+    crypt = build_crypt(settings)
+    handlers = dict(build_handlers(crypt))
+    book = None
     if crypt is not None and not crypt.rules.is_empty:
         try:
             book = ScriptBook.from_declarations(settings.scripts)
         except OSError as error:
             raise ConfigError(f"scripts: cannot read a body_file: {error}") from None
-        dispatch.update(Scripts(crypt, book, settings.script_policy).handlers())
-    dispatch.update(admin.handlers())
-    return dispatch
+        handlers.update(Scripts(crypt, book, settings.script_policy).handlers())
+    return Built(crypt, book, handlers)
+
+
+class Runtime:
+    """The running proxy's shared state, and how it changes on reload."""
+
+    def __init__(self, settings: Settings, url: str, overrides: dict[str, object]) -> None:
+        self.settings = settings
+        self.overrides = overrides
+        target = build_target(settings, url)
+        built = build_handlers_for(settings)
+        self.state = ProxyState(
+            target=target,
+            dispatch={},
+            crypt=built.crypt,
+            scripts=built.scripts,
+            max_request=settings.max_request_bytes,
+            max_clients=settings.max_clients,
+            max_client_output=settings.max_client_output_bytes,
+            idle_timeout=settings.idle_timeout,
+            client_auth=settings.client_password is not None,
+            tls=server_context(settings.tls),
+        )
+        self.metrics = Metrics(lambda: self.state)
+        self.state.observe_latency = self.metrics.observe
+        self.metrics.ready_check = self.ready_problem
+        self.jobs = Jobs(self._connect, lambda: self.state.crypt, target.db)
+        self.state.jobs = self.jobs
+        self.admin = Admin(
+            AdminConfig(settings.admin_username, settings.admin_password, settings.client_password),
+            self.jobs,
+            info=lambda section: info_text(self.state, section),
+            reload=self.reload,
+            scripts=lambda: self.state.scripts,
+        )
+        self.state.dispatch = self._dispatch(built)
+        self.server: ProxyServer | None = None
+
+    async def _connect(self) -> RedisClient:
+        return await RedisClient.connect(self.state.target)
+
+    def _dispatch(self, built: Built) -> dict[bytes, Handler]:
+        dispatch = base_dispatch()
+        dispatch.update(built.handlers)
+        dispatch.update(self.admin.handlers())
+        return dispatch
+
+    async def ready_problem(self) -> str | None:
+        """Why the proxy is not ready (upstream unreachable), or None."""
+        if self.state.crypt is None and self.settings.rules:
+            return "key ring not loaded"
+        try:
+            client = await RedisClient.connect(self.state.target)
+        except ClientError as error:
+            return str(error)
+        try:
+            await asyncio.wait_for(client.execute("PING"), 2.0)
+        except Exception as error:
+            return f"upstream does not answer PING ({error.__class__.__name__})"
+        finally:
+            await client.close()
+        return None
+
+    async def reload(self) -> str | None:
+        """Re-read the config and the secrets. Returns the problem, or None when it took."""
+        path = self.settings.config_path
+        try:
+            settings = load_settings(path, self.overrides, os.environ, Path.cwd())
+            # scrypt on passphrases takes a while: keep the loop serving meanwhile.
+            built = await asyncio.get_running_loop().run_in_executor(
+                None, build_handlers_for, settings
+            )
+        except ConfigError as error:
+            log.error("config reload rejected, the old configuration keeps running: %s", error)
+            return str(error)
+        old = self.state.crypt
+        state = self.state
+        if state.scripts is not None and built.scripts is not None:
+            built.scripts.seen = state.scripts.seen
+        state.crypt = built.crypt
+        state.scripts = built.scripts
+        state.dispatch = self._dispatch(built)
+        if self.server is not None:
+            for connection in self.server.connections:
+                if connection.session is not None:
+                    connection.session.dispatch = state.dispatch
+        self.settings = settings
+        log.info("config reloaded: %d rules", len(settings.rules))
+        old_ring = [k.kid for k in old.keyring.keys] if old is not None else []
+        new_ring = [k.kid for k in built.crypt.keyring.keys] if built.crypt is not None else []
+        if old_ring != new_ring:
+            primary = built.crypt.keyring.primary if built.crypt is not None else None
+            log.info(
+                "key ring changed: keys %s, primary %s",
+                ", ".join(new_ring) or "none",
+                primary.kid if primary else "none (decrypt-only)",
+            )
+        return None
 
 
 def build_state(settings: Settings, url: str) -> ProxyState:
-    crypt = build_crypt(settings)
-    target = build_target(settings, url)
-    state = ProxyState(
-        target=target,
-        dispatch={},
-        crypt=crypt,
-        max_request=settings.max_request_bytes,
-        max_clients=settings.max_clients,
-        max_client_output=settings.max_client_output_bytes,
-        idle_timeout=settings.idle_timeout,
-    )
-    jobs = Jobs(lambda: RedisClient.connect(state.target), lambda: state.crypt, target.db)
-    admin = Admin(AdminConfig(settings.admin_username, settings.admin_password), jobs)
-    state.dispatch = build_dispatch(settings, crypt, admin)
-    state.jobs = jobs
-    return state
+    """The shared state for `settings`, with `url` as the upstream (tests, embedding)."""
+    return Runtime(settings, url, {}).state
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, overrides: dict[str, object] | None = None) -> int:
     loop_name = install_uvloop()
     embedded: EmbeddedServer | None = None
     url = settings.upstream
@@ -97,34 +197,53 @@ def run(settings: Settings) -> int:
         url = embedded.url
         log.info("embedded server %s started on %s", os.path.basename(embedded.binary), url)
     try:
-        state = build_state(settings, url)
-        return asyncio.run(_serve(settings, state, loop_name))
+        runtime = Runtime(settings, url, overrides or {})
+        return asyncio.run(_serve(runtime, loop_name))
     finally:
         if embedded is not None:
             embedded.stop()
             log.info("embedded server stopped")
 
 
-async def _serve(settings: Settings, state: ProxyState, loop_name: str) -> int:
-    server = ProxyServer(state)
+async def _serve(runtime: Runtime, loop_name: str) -> int:
+    settings = runtime.settings
+    server = ProxyServer(runtime.state)
+    runtime.server = server
     host, port = split_listen(settings.listen)
     try:
         addresses = await server.start(host, port)
     except OSError as error:
         log.error("cannot listen on %s: %s", settings.listen, error.strerror or error)
         return 1
+    if settings.metrics_listen:
+        metrics_host, metrics_port = split_listen(settings.metrics_listen)
+        try:
+            bound_metrics = await runtime.metrics.start(metrics_host, metrics_port)
+        except OSError as error:
+            log.error("cannot listen on %s: %s", settings.metrics_listen, error.strerror or error)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", *bound_metrics)
     stop = asyncio.Event()
-    add_signal_handlers(stop.set)
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def reload() -> None:
+        task = asyncio.get_running_loop().create_task(runtime.reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    add_signal_handlers(stop.set, reload)
     bound = ", ".join(f"{a[0]}:{a[1]}" for a in addresses)
     log.info(
-        "fieldcrypt listening on %s, upstream %s (%s, pid %d)",
+        "fieldcrypt listening on %s%s, upstream %s (%s, pid %d)",
         bound,
-        state.target.address,
+        " (TLS)" if runtime.state.tls else "",
+        runtime.state.target.address,
         loop_name,
         os.getpid(),
     )
     await stop.wait()
     log.info("stopping: draining %d connections", len(server.connections))
     await server.drain(settings.drain_timeout)
+    await runtime.metrics.close()
     log.info("fieldcrypt stopped")
     return 0

@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace) -> int:
     from proxy.app import run
 
     try:
-        return run(settings)
+        return run(settings, overrides)
     except ConfigError as error:
         log.error("%s", error)
         return 2

@@ -123,9 +123,11 @@ class RequestReader:
             if length is None or length < 0 or length > PROTO_MAX_BULK_LEN:
                 raise ProtocolError("Protocol error: invalid bulk length")
             end = nl + 2 + length + 2
+            if end - start > self.max_request:
+                raise ProtocolError(
+                    "Protocol error: request larger than fieldcrypt's max_request_bytes"
+                )
             if end > size:
-                if end - start > self.max_request:
-                    raise ProtocolError("Protocol error: request too large for fieldcrypt")
                 self._need = end
                 break
             if first:

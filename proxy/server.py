@@ -68,6 +68,7 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_errors: int = 0
+    connections_rejected: int = 0
 
 
 @dataclass
@@ -82,7 +83,12 @@ class ProxyState:
     idle_timeout: float = 0.0
     crypt: Any = None  # commands.FieldCrypt, when fields are protected
     jobs: Any = None  # admin.Jobs: the migration job
+    scripts: Any = None  # scripts.ScriptBook: declared and undeclared scripts seen
+    client_auth: bool = False  # clients must AUTH to the proxy
+    tls: ssl.SSLContext | None = None  # for clients
     stats: Stats = field(default_factory=Stats)
+    command_counts: dict[bytes, int] = field(default_factory=dict)
+    observe_latency: Callable[[float], None] | None = None
 
 
 def describe_error(error: BaseException) -> str:
@@ -149,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
         self.peer = "?"
 
     # --- client side ----------------------------------------------------------
@@ -161,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
         if stats.connections_open >= self.state.max_clients:
+            stats.connections_rejected += 1
             transport.write(b"-ERR max number of clients reached\r\n")
             transport.close()
             self.closed = True
@@ -177,6 +185,9 @@ class ClientConnection(asyncio.Protocol):
             db=target.db,
             handshake=target.handshake(),
             max_request=self.state.max_request,
+            command_counts=self.state.command_counts,
+            observe_latency=self.state.observe_latency,
+            locked=self.state.client_auth,
         )
         self.session.loopback = _is_loopback(peer)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect())
@@ -278,11 +289,16 @@ class ClientConnection(asyncio.Protocol):
         self.upstream.transport.write(data)
 
     def _to_client(self, data: bytes) -> None:
+        if self.closed:
+            return
         assert self.transport is not None
         self.state.stats.bytes_out += len(data)
         self.transport.write(data)
         if self.transport.get_write_buffer_size() > self.state.max_client_output:
-            log.warning("client %s disconnected: output buffer over the limit", self.peer)
+            log.warning(
+                "client %s disconnected: it reads too slowly (output over max_client_output_bytes)",
+                self.peer,
+            )
             self.close(abort=True)
 
     def from_upstream(self, data: bytes) -> None:
@@ -338,17 +354,27 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def _touch(self) -> None:
+        """Note activity; one timer per connection checks it, instead of one per read."""
         timeout = self.state.idle_timeout
         if timeout <= 0 or self.closed:
             return
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-        self.idle_handle = asyncio.get_running_loop().call_later(timeout, self._idle_expired)
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        if self.idle_handle is None:
+            self.idle_handle = loop.call_later(timeout, self._idle_check)
 
-    def _idle_expired(self) -> None:
+    def _idle_check(self) -> None:
+        self.idle_handle = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.state.idle_timeout
         session = self.session
         if session is not None and (session.pending or session.pubsub or session.monitoring):
-            self._touch()  # waiting on Redis (blocking command, pub/sub): not idle
+            self.last_active = loop.time()  # waiting on Redis (blocking command, pub/sub)
+        remaining = self.last_active + timeout - loop.time()
+        if remaining > 0:
+            self.idle_handle = loop.call_later(remaining, self._idle_check)
             return
         log.info("client %s closed after the idle timeout", self.peer)
         self.close()
@@ -395,7 +421,7 @@ class ProxyServer:
             lambda: ClientConnection(self),
             host,
             port,
-            ssl=ssl_context,
+            ssl=ssl_context or self.state.tls,
             reuse_port=reuse_port or None,
             backlog=4096,
         )

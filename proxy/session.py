@@ -16,6 +16,7 @@ edit here.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -126,6 +127,19 @@ class InternalEntry(Entry):
             message = frame[1:].split(b"\r\n", 1)[0].decode(errors="replace")
             session.fail(f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}")
         return None
+
+
+class TimedEntry(Entry):
+    """A sampled request: its reply time goes to the latency histogram."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        session.observe_latency(time.perf_counter() - self.started)
+        return frame
 
 
 class HelloEntry(Entry):
@@ -284,6 +298,9 @@ class Session:
         db: int = 0,
         handshake: list[tuple[str, list[bytes]]] | None = None,
         max_request: int = resp.PROTO_MAX_BULK_LEN + 1024,
+        command_counts: dict[bytes, int] | None = None,
+        observe_latency: Callable[[float], None] | None = None,
+        locked: bool = False,
     ) -> None:
         self.dispatch = dispatch
         self.send_upstream = send_upstream
@@ -307,10 +324,16 @@ class Session:
         self.closing: str | None = None  # why the session ends once its replies are out
         self.failed: str | None = None  # an error that ends the session now
         self.commands = 0
+        self.command_counts = command_counts if command_counts is not None else {}
+        self.observe_latency = observe_latency or (lambda seconds: None)
+        self._sample = SAMPLE_EVERY  # time one request in SAMPLE_EVERY
+        self.requires_auth = locked
+        self.locked = locked  # the client must AUTH to the proxy first
         self.jobs: list[Defer] = []  # deferred replies for the shell to produce
         self.admin = False  # authenticated as fieldcrypt's admin user
         self.loopback = False  # the client connects from this machine (set by the shell)
         self._slow = False  # every request goes through _dispatch, not just known names
+        self._update_slow()
         for what, args in self.handshake:
             self._send_internal(what, args)
 
@@ -325,6 +348,7 @@ class Session:
         run = reader.pos  # start of requests forwarded as they are
         pending = self.pending
         dispatch = self.dispatch
+        counts = self.command_counts
         count = 0
         try:
             while True:
@@ -333,8 +357,17 @@ class Session:
                     break
                 start, end, name, inline = request
                 count += 1
+                seen = counts.get(name)
+                if seen is not None:
+                    counts[name] = seen + 1
+                elif len(counts) < MAX_COUNTED_NAMES:
+                    counts[name] = 1
                 if inline is None and not self._slow and name not in dispatch:
-                    if pending and type(pending[-1]) is int:
+                    self._sample -= 1
+                    if self._sample == 0:
+                        self._sample = SAMPLE_EVERY
+                        pending.append(TimedEntry())
+                    elif pending and type(pending[-1]) is int:
                         pending[-1] += 1
                     else:
                         pending.append(1)
@@ -360,16 +393,13 @@ class Session:
 
     def _dispatch(self, name: bytes, args: list[bytes], raw: bytes | None) -> None:
         """Send one request that is not on the fast path."""
+        if self.locked and name not in OPEN_COMMANDS:
+            self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
+            return
         handler = self.dispatch.get(name)
         outcome = handler(self, args) if handler is not None else None
         if isinstance(outcome, Answer):
-            if outcome.refusal and self.in_multi:
-                self.multi_refused = True
-            if self.reply_mode == b"ON":
-                self._local(outcome.reply)
-            elif self.reply_mode == b"SKIP":
-                self.reply_mode = b"ON"
-                self._update_slow()
+            self._answer(outcome)
             return
         if isinstance(outcome, Defer):
             self.pending.append(outcome.entry)
@@ -400,6 +430,16 @@ class Session:
         if name == b"RESET":
             for what, internal_args in self.handshake:
                 self._send_internal(what, internal_args)
+
+    def _answer(self, answer: Answer) -> None:
+        """A local reply, in its turn, subject to CLIENT REPLY like any reply."""
+        if answer.refusal and self.in_multi:
+            self.multi_refused = True
+        if self.reply_mode == b"ON":
+            self._local(answer.reply)
+        elif self.reply_mode == b"SKIP":
+            self.reply_mode = b"ON"
+            self._update_slow()
 
     def _state_entry(
         self, name: bytes, args: list[bytes], transform: Transform | None
@@ -480,7 +520,12 @@ class Session:
         self.pending.append(LocalEntry(reply))
 
     def _update_slow(self) -> None:
-        self._slow = self.in_multi or self.reply_mode != b"ON"
+        self._slow = self.in_multi or self.reply_mode != b"ON" or self.locked
+
+    def unlock(self) -> None:
+        """The client authenticated to the proxy."""
+        self.locked = False
+        self._update_slow()
 
     def resolve(self, entry: LocalEntry, reply: bytes) -> None:
         """Give a deferred request its reply; it goes out in its turn."""
@@ -619,6 +664,7 @@ class Session:
         self.shard_channels.clear()
         self._update_pubsub()
         self.db = self.initial_db
+        self.locked = self.requires_auth  # RESET signs the client out, as in Redis
         self._update_slow()
 
     def fail(self, message: str) -> None:
@@ -630,6 +676,10 @@ class Session:
         """No reply is owed to the client."""
         return not self.pending and not self.requests.pending_bytes()
 
+
+SAMPLE_EVERY: Final = 16  # one request in this many is timed for the latency histogram
+MAX_COUNTED_NAMES: Final = 512  # distinct command names counted; more are not (no unbounded growth)
+OPEN_COMMANDS: Final = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})  # allowed before AUTH
 
 STATEFUL: Final = frozenset(
     {b"MULTI", b"EXEC", b"DISCARD", b"RESET", b"HELLO", b"SELECT", b"MONITOR", b"CLIENT"}
