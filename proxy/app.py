@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,8 @@ def run(settings: Settings, overrides: dict[str, object] | None = None) -> int:
         log.info("embedded server %s started on %s", os.path.basename(embedded.binary), url)
     try:
         runtime = Runtime(settings, url, overrides or {})
+        if settings.workers > 1:
+            return _run_workers(runtime, loop_name, settings.workers)
         return asyncio.run(_serve(runtime, loop_name))
     finally:
         if embedded is not None:
@@ -205,17 +209,53 @@ def run(settings: Settings, overrides: dict[str, object] | None = None) -> int:
             log.info("embedded server stopped")
 
 
-async def _serve(runtime: Runtime, loop_name: str) -> int:
+def _run_workers(runtime: Runtime, loop_name: str, workers: int) -> int:
+    """Fork `workers` processes that share the listening port (SO_REUSEPORT); the
+    parent passes SIGTERM/SIGINT/SIGHUP on and exits when they have all exited."""
+    children: list[int] = []
+    for number in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker
+            code = 1
+            try:
+                code = asyncio.run(_serve(runtime, loop_name, reuse_port=True, worker=number))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("started %d workers: pids %s", workers, ", ".join(map(str, children)))
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    worst = 0
+    for child in children:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst
+
+
+async def _serve(
+    runtime: Runtime, loop_name: str, reuse_port: bool = False, worker: int = 0
+) -> int:
     settings = runtime.settings
     server = ProxyServer(runtime.state)
     runtime.server = server
     host, port = split_listen(settings.listen)
     try:
-        addresses = await server.start(host, port)
+        addresses = await server.start(host, port, reuse_port=reuse_port)
     except OSError as error:
         log.error("cannot listen on %s: %s", settings.listen, error.strerror or error)
         return 1
-    if settings.metrics_listen:
+    if settings.metrics_listen and worker == 0:
         metrics_host, metrics_port = split_listen(settings.metrics_listen)
         try:
             bound_metrics = await runtime.metrics.start(metrics_host, metrics_port)

@@ -61,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="start a private Redis-compatible server as the upstream",
     )
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="N processes sharing the port (SO_REUSEPORT)"
+    )
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT", help="/metrics, /healthz, /readyz")
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -136,6 +140,8 @@ def serve(args: argparse.Namespace) -> int:
         "embedded": args.embedded,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "workers": args.workers,
+        "metrics_listen": args.metrics_listen,
     }
     try:
         settings = _load(args.config, overrides)

@@ -206,6 +206,7 @@ class Settings:
     max_client_output_bytes: int = 64 * MiB
     idle_timeout: float = 0.0
     metrics_listen: str | None = None
+    workers: int = 1
     admin_username: str = "fieldcrypt-admin"
     admin_password: str | None = None
     client_password: str | None = None
@@ -539,6 +540,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_client_output_bytes", _to_size),
     _Option("idle_timeout", _to_seconds()),
     _Option("metrics_listen", _to_optional_address),
+    _Option("workers", _to_count(1)),
     _Option("admin_username", _to_str),
     _Option("admin_password", _to_secret),
     _Option("client_password", _to_secret),
