@@ -82,7 +82,7 @@ class Jobs:
         if not options.dry_run:
             try:
                 await migration.acquire_lock()
-            except BaseException:
+            except Exception:
                 await client.close()
                 raise
 

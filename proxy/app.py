@@ -159,7 +159,7 @@ class Runtime:
         old = self.state.crypt
         state = self.state
         if state.scripts is not None and built.scripts is not None:
-            built.scripts.seen = state.scripts.seen
+            built.scripts.carry_over(state.scripts)
         state.crypt = built.crypt
         state.scripts = built.scripts
         state.dispatch = self._dispatch(built)

@@ -203,7 +203,7 @@ class Settings:
     connect_timeout: float = 5.0
     max_clients: int = 10000
     max_request_bytes: int = 512 * MiB
-    max_client_output_bytes: int = 64 * MiB
+    max_client_output_bytes: int = 1024 * MiB
     idle_timeout: float = 0.0
     metrics_listen: str | None = None
     workers: int = 1
@@ -984,7 +984,7 @@ def _parse_scripts(doc: _Document, node: yaml.Node, base: Path) -> tuple[Script,
         hash_key = _int(*value("hash_key"), 1)
         pairs_value, pairs_where = value("field_values")
         shape = "must be a list of [field, value] ARGV positions (1 and up), e.g. [[1, 2]]"
-        if not isinstance(pairs_value, list) or not pairs_value:
+        if not isinstance(pairs_value, list):  # [] declares a script that writes no secret
             raise pairs_where.error(shape)
         pairs: list[tuple[int, int]] = []
         for pair in pairs_value:

@@ -183,10 +183,11 @@ class AlreadyRunning(Exception):
 
 
 class RateLimiter:
-    """Paces work to `rate` units per second (0: no limit)."""
+    """Paces work to `rate` units per second (0: no limit); a cancel cuts the wait short."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         self.rate = rate
+        self.cancelled = cancelled
         self.start = time.monotonic()
         self.done = 0
 
@@ -194,9 +195,11 @@ class RateLimiter:
         self.done += units
         if self.rate <= 0:
             return
-        ahead = self.done / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        while not self.cancelled():
+            ahead = self.done / self.rate - (time.monotonic() - self.start)
+            if ahead <= 0:
+                return
+            await asyncio.sleep(min(ahead, 0.1))
 
 
 # --- The engine -----------------------------------------------------------------
@@ -221,7 +224,7 @@ class Migration:
         self.report = report or Report(job_id=os.urandom(6).hex(), dry_run=options.dry_run)
         self.on_progress = on_progress
         self.cancelled = False
-        self.limiter = RateLimiter(options.rate)
+        self.limiter = RateLimiter(options.rate, lambda: self.cancelled)
 
     # The lock -------------------------------------------------------------------
 

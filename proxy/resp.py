@@ -20,11 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+import hiredis
+
 PROTO_INLINE_MAX_SIZE: Final = 64 * 1024  # Redis's limit on an unterminated line
 PROTO_MAX_BULK_LEN: Final = 512 * 1024 * 1024  # Redis's default proto-max-bulk-len
 MULTIBULK_MAX: Final = 2**31 - 1  # Redis 7 accepts up to INT_MAX arguments
 
 CRLF: Final = b"\r\n"
+
+
+TOO_LARGE: Final = "Protocol error: request larger than fieldcrypt's max_request_bytes"
 
 
 class ProtocolError(Exception):
@@ -37,39 +42,126 @@ class ProtocolError(Exception):
 class RequestReader:
     """Splits a client's byte stream into requests.
 
-    `next()` returns `(start, end, name, inline_args)` for each complete request:
-    the request's bytes are `buffer[start:end]`, `name` is the upper-cased
-    command name, and `inline_args` is the argument list for an inline command
-    (which must be re-sent as an array), otherwise None. It returns None when
-    more bytes are needed. The caller calls `compact()` once it no longer needs
-    the bytes before `pos`.
+    `next()` returns `(start, end, name, args)` for each complete request: its
+    bytes are `buffer[start:end]`, `name` is the upper-cased command name and
+    `args` the arguments (name first). `inline` tells whether the last request
+    was an inline command (which must be re-sent as an array). It returns None
+    when more bytes are needed. The caller calls `compact()` once it no longer
+    needs the bytes before `pos`.
+
+    Small, well-formed array requests, nearly all of them, are parsed by
+    hiredis in C, and their boundaries follow from their arguments: hiredis
+    accepts only canonical lengths, so each request's size is known exactly,
+    and two byte checks catch any stream that is not plain bulk strings.
+    Everything else (inline commands, large or malformed requests) goes
+    through the strict parser below, which accepts and rejects exactly what
+    Redis's query parser does, with Redis's error texts.
     """
 
-    __slots__ = ("_argc", "_need", "_scan", "buffer", "max_request", "pos")
+    __slots__ = (
+        "_argc",
+        "_fast",
+        "_need",
+        "_reader",
+        "_scan",
+        "buffer",
+        "inline",
+        "max_request",
+        "pos",
+    )
 
     def __init__(self, max_request: int = PROTO_MAX_BULK_LEN + 1024) -> None:
-        self.buffer = bytearray()
+        self.buffer: bytes | bytearray = b""
         self.pos = 0  # start of the next unread request
         self.max_request = max_request
-        self._need = 0  # don't rescan until the buffer holds this many bytes
-        self._scan = -1  # resume point inside a partly read array request
+        self.inline = False
+        self._reader = hiredis.Reader()
+        self._fast = True  # hiredis holds exactly the bytes from `pos` on
+        self._need = 0  # strict parser: don't rescan until the buffer holds this many bytes
+        self._scan = -1  # strict parser: resume point inside a partly read array request
         self._argc = 0
 
     def feed(self, data: bytes) -> None:
-        self.buffer += data
+        if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
+            self.buffer = data
+            self.pos = self._need = 0
+            self._scan = -1
+            if not self._fast:  # the strict parser drained the stream: hiredis again
+                self._reader = hiredis.Reader()
+                self._fast = True
+        else:
+            if type(self.buffer) is not bytearray:
+                self._rebase(bytearray(self.buffer[self.pos :]))
+            self.buffer += data
+        if self._fast:
+            self._reader.feed(data)
+
+    def _resume_fast(self) -> None:
+        """Back to hiredis for what follows a request the strict parser read."""
+        self._reader = hiredis.Reader()
+        rest = self.buffer[self.pos :]
+        if rest:
+            self._reader.feed(bytes(rest))
+        self._fast = True
+        self._need = 0
+        self._scan = -1
+
+    def _rebase(self, remaining: bytearray) -> None:
+        """Make `remaining` (the bytes from `pos` on) the buffer."""
+        shift = self.pos
+        self.buffer = remaining
+        self.pos = 0
+        self._need -= shift
+        if self._scan >= 0:
+            self._scan -= shift
 
     def pending_bytes(self) -> int:
         return len(self.buffer) - self.pos
 
     def compact(self) -> None:
-        if self.pos:
+        if not self.pos:
+            return
+        if self.pos >= len(self.buffer):
+            self.buffer = b""
+            self.pos = self._need = 0
+            self._scan = -1
+        elif type(self.buffer) is bytearray:
             del self.buffer[: self.pos]
-            self._need -= self.pos
-            if self._scan >= 0:
-                self._scan -= self.pos
-            self.pos = 0
+            self._rebase(self.buffer)
+        else:
+            self._rebase(bytearray(self.buffer[self.pos :]))
 
-    def next(self) -> tuple[int, int, bytes, list[bytes] | None] | None:
+    def next(self) -> tuple[int, int, bytes, list[bytes]] | None:
+        if self._fast:
+            try:
+                args = self._reader.gets()
+            except hiredis.ProtocolError:
+                args = None  # not RESP hiredis reads: the strict parser says what Redis would
+            else:
+                if args is False:
+                    if self.pos >= len(self.buffer):
+                        return None
+                    # A request cut by the end of the read: the strict parser judges it as
+                    # it comes in (Redis refuses some heads hiredis would wait on) and
+                    # streams large ones; hiredis takes over again after it.
+                elif type(args) is list and args:
+                    size = _encoded_size(args)  # None unless every element is a bulk string
+                    start = self.pos
+                    end = start + size if size else start
+                    buf = self.buffer
+                    if size and buf[start] == 42 and buf[end - 2 : end] == CRLF:
+                        if size > self.max_request:
+                            raise ProtocolError(TOO_LARGE)
+                        self.pos = end
+                        self.inline = False
+                        return (start, end, args[0].upper(), args)
+                    args = None
+                else:
+                    args = None  # an empty or null request
+            self._fast = False  # from here on, until the stream drains: strict parsing
+        return self._strict_next()
+
+    def _strict_next(self) -> tuple[int, int, bytes, list[bytes]] | None:
         buf = self.buffer
         size = len(buf)
         while True:
@@ -79,14 +171,22 @@ class RequestReader:
             if buf[start] != 42:  # not '*': an inline command
                 result = self._inline(start)
                 if result is None or result[3]:
+                    self.inline = True
+                    if result is not None:
+                        self._resume_fast()
                     return result
                 continue  # an empty line: Redis skips it
-            result = self._multibulk(start)
-            if result is None or result[3] is None:
-                return result
-            # a multibulk of zero or negative length: Redis ignores it
+            found = self._multibulk(start)
+            if found is None:
+                return None
+            start, end, name = found
+            if end == start:
+                continue  # a multibulk of zero or negative length: Redis skips it
+            self.inline = False
+            self._resume_fast()
+            return (start, end, name, request_args(buf, start, end))
 
-    def _multibulk(self, start: int) -> tuple[int, int, bytes, list[bytes] | None] | None:
+    def _multibulk(self, start: int) -> tuple[int, int, bytes] | None:
         buf = self.buffer
         size = len(buf)
         if self._scan < 0:
@@ -95,20 +195,22 @@ class RequestReader:
                 if size - start > PROTO_INLINE_MAX_SIZE:
                     raise ProtocolError("Protocol error: too big mbulk count string")
                 return None
-            argc = _to_int(buf, start + 1, nl)
-            if argc is None or argc > MULTIBULK_MAX:
-                raise ProtocolError("Protocol error: invalid multibulk length")
+            argc = _ARRAY_LENGTHS.get(bytes(buf[start:nl]))
+            if argc is None:
+                argc = _to_int(buf, start + 1, nl)
+                if argc is None or argc > MULTIBULK_MAX:
+                    raise ProtocolError("Protocol error: invalid multibulk length")
             pos = nl + 2
             if argc <= 0:
                 self.pos = pos
-                return (start, pos, b"", [])
-            self._argc = argc
+                return (start, start, b"")  # Redis skips it
             first = True
         else:
             pos = self._scan
+            argc = self._argc
             first = False
-        argc = self._argc
         name_start = name_end = 0
+        limit = start + self.max_request
         while argc:
             if pos >= size:
                 break
@@ -119,14 +221,14 @@ class RequestReader:
                 if size - pos > PROTO_INLINE_MAX_SIZE:
                     raise ProtocolError("Protocol error: too big bulk count string")
                 break
-            length = _to_int(buf, pos + 1, nl)
-            if length is None or length < 0 or length > PROTO_MAX_BULK_LEN:
-                raise ProtocolError("Protocol error: invalid bulk length")
-            end = nl + 2 + length + 2
-            if end - start > self.max_request:
-                raise ProtocolError(
-                    "Protocol error: request larger than fieldcrypt's max_request_bytes"
-                )
+            length = _BULK_LENGTHS.get(bytes(buf[pos:nl]))
+            if length is None:
+                length = _to_int(buf, pos + 1, nl)
+                if length is None or length < 0 or length > PROTO_MAX_BULK_LEN:
+                    raise ProtocolError("Protocol error: invalid bulk length")
+            end = nl + length + 4
+            if end > limit:
+                raise ProtocolError(TOO_LARGE)
             if end > size:
                 self._need = end
                 break
@@ -145,12 +247,13 @@ class RequestReader:
         self.pos = pos
         if name_end == 0:  # resumed: the name is the first argument
             name_start, name_end = _first_bulk(buf, start)
-        return (start, pos, bytes(buf[name_start:name_end]).upper(), None)
+        return (start, pos, bytes(buf[name_start:name_end]).upper())
 
-    def _inline(self, start: int) -> tuple[int, int, bytes, list[bytes] | None] | None:
+    def _inline(self, start: int) -> tuple[int, int, bytes, list[bytes]] | None:
         buf = self.buffer
         nl = buf.find(b"\n", start)
-        if nl < 0:
+        nul = buf.find(b"\0", start, nl if nl >= 0 else len(buf))
+        if nl < 0 or nul >= 0:  # Redis looks for the newline with strchr: NUL hides it
             if len(buf) - start > PROTO_INLINE_MAX_SIZE:
                 raise ProtocolError("Protocol error: too big inline request")
             return None
@@ -160,6 +263,11 @@ class RequestReader:
             raise ProtocolError("Protocol error: unbalanced quotes in request")
         self.pos = nl + 1
         return (start, nl + 1, args[0].upper() if args else b"", args)
+
+
+# Canonical small lengths, looked up whole: faster than parsing, and exactly as strict.
+_ARRAY_LENGTHS: Final = {b"*%d" % n: n for n in range(1, 1025)}
+_BULK_LENGTHS: Final = {b"$%d" % n: n for n in range(4097)}
 
 
 def _to_int(buf: bytearray | bytes, start: int, end: int) -> int | None:
@@ -175,11 +283,28 @@ def _to_int(buf: bytearray | bytes, start: int, end: int) -> int | None:
     return int(text)
 
 
-def _first_bulk(buf: bytearray, start: int) -> tuple[int, int]:
+def _first_bulk(buf: bytes | bytearray, start: int) -> tuple[int, int]:
     nl = buf.find(b"\r\n", start)
     nl2 = buf.find(b"\r\n", nl + 2)
     length = int(buf[nl + 3 : nl2])
     return nl2 + 2, nl2 + 2 + length
+
+
+_DIGITS: Final = bytes(len(str(n)) for n in range(65536))
+
+
+def _encoded_size(args: list[bytes]) -> int | None:
+    """The size of `args` as a RESP array of bulk strings in canonical form (the only
+    form hiredis accepts), or None when an element is not a bulk string."""
+    try:
+        payload = len(b"".join(args))
+        digits = sum(map(_DIGITS.__getitem__, map(len, args)))
+    except TypeError:
+        return None  # an integer, a nested array, a null...
+    except IndexError:
+        digits = sum(len(str(len(arg))) for arg in args)  # an argument of 64 KiB or more
+    count = len(args)
+    return 3 + len(str(count)) + 5 * count + payload + digits
 
 
 def request_args(buf: bytes | bytearray, start: int, end: int) -> list[bytes]:
@@ -204,6 +329,7 @@ _HEX: Final = b"0123456789abcdefABCDEF"
 def split_args(line: bytes) -> list[bytes] | None:
     """Split an inline command like Redis's sdssplitargs; None for unbalanced quotes."""
     args: list[bytes] = []
+    line = line.split(b"\0", 1)[0]  # Redis reads the line as a C string: NUL ends it
     i, n = 0, len(line)
     while True:
         while i < n and line[i] in b" \n\r\t\v\f":
@@ -256,7 +382,7 @@ def split_args(line: bytes) -> list[bytes] | None:
                 if i >= n:
                     break
                 c = line[i]
-                if c in b" \n\r\t\v\f\0":
+                if c in b" \n\r\t":
                     break
                 if c == 34:
                     in_double = True
@@ -294,29 +420,77 @@ class ReplyReader:
 
     Resumable: a value that arrives in many pieces is scanned once, not once
     per piece. `next()` returns the end offset of the next complete value,
-    which starts at `pos`; the caller then sets `pos` to that end, or calls
-    `consume(end)`.
+    which starts at `pos`; the caller then sets `pos` to that end. `skip(n)`
+    passes over up to n simple replies at once, for the common case.
     """
 
     __slots__ = ("_need", "_scan", "_stack", "buffer", "pos")
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
+        self.buffer: bytes | bytearray = b""
         self.pos = 0
         self._scan = 0  # next header to read, inside the value at `pos`
         self._stack: list[int] = []  # elements still due in each open aggregate
         self._need = 0
 
     def feed(self, data: bytes) -> None:
+        if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
+            self.buffer = data
+            self.pos = self._scan = self._need = 0
+            return
+        if type(self.buffer) is not bytearray:
+            self.buffer = bytearray(self.buffer)
         self.buffer += data
 
     def compact(self) -> None:
         pos = self.pos
-        if pos:
+        if not pos:
+            return
+        if pos >= len(self.buffer):
+            self.buffer = b""
+            self.pos = self._scan = self._need = 0
+            return
+        if type(self.buffer) is bytearray:
             del self.buffer[:pos]
-            self._scan -= pos
-            self._need -= pos
-            self.pos = 0
+        else:
+            self.buffer = bytearray(self.buffer[pos:])
+        self._scan -= pos
+        self._need -= pos
+        self.pos = 0
+
+    def skip(self, limit: int) -> int:
+        """Pass over up to `limit` complete simple replies (+, -, :, $) from `pos`;
+        returns how many. It stops at anything else (aggregates, pushes, a partial
+        reply), which `next()` then reads."""
+        if self._stack or self._scan > self.pos:
+            return 0  # in the middle of a value
+        buf = self.buffer
+        size = len(buf)
+        pos = self.pos
+        done = 0
+        while done < limit and pos < size:
+            kind = buf[pos]
+            if kind == 36:  # '$'
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                length = _BULK_LENGTHS.get(bytes(buf[pos:nl]))
+                if length is None:
+                    length = _reply_int(buf, pos, nl)
+                end = nl + length + 4 if length >= 0 else nl + 2
+                if end > size:
+                    break
+                pos = end
+            elif kind == 43 or kind == 58 or kind == 45:  # '+', ':', '-'
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                pos = nl + 2
+            else:
+                break
+            done += 1
+        self.pos = self._scan = pos
+        return done
 
     def next(self) -> int:
         """The end of the value starting at `pos`, or -1 if it is incomplete."""
@@ -385,7 +559,7 @@ def _reply_int(buf: bytearray | bytes, start: int, nl: int) -> int:
 def frame_end(buf: bytes | bytearray, pos: int) -> int:
     """The end of the complete value at `buf[pos:]` (which must hold it whole)."""
     reader = ReplyReader()
-    reader.buffer = buf  # type: ignore[assignment]  # read-only use
+    reader.buffer = buf  # read-only use
     reader.pos = pos
     end = reader.next()
     if end < 0:

@@ -30,6 +30,7 @@ from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session
 
 log = logging.getLogger("fieldcrypt")
 
+MAX_LEARNED: Final = 10_000  # script bodies remembered; a bound, not a working limit
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -57,6 +58,24 @@ class ScriptBook:
     by_function: dict[str, Script] = field(default_factory=dict)
     by_body: dict[bytes, Script] = field(default_factory=dict)  # body files, trimmed
     seen: dict[str, SeenScript] = field(default_factory=dict)
+    bodies: dict[str, bytes] = field(default_factory=dict)  # SHA1 -> trimmed body, as seen
+    nudged: set[str] = field(default_factory=set)  # SHA1s answered NOSCRIPT once
+
+    def carry_over(self, old: ScriptBook) -> None:
+        """Keep what an earlier book learned from traffic (on reload)."""
+        self.seen = old.seen
+        self.nudged = old.nudged
+        for sha1, body in old.bodies.items():
+            self.learn(sha1, body)
+
+    def learn(self, sha1: str, trimmed_body: bytes) -> None:
+        """A body seen with SCRIPT LOAD or EVAL: a declared body file up to surrounding
+        white space (a client may trim it) makes its SHA1 match the declaration."""
+        self.bodies[sha1] = trimmed_body
+        if sha1 not in self.by_sha1:
+            script = self.by_body.get(trimmed_body)
+            if script is not None:
+                self.by_sha1[sha1] = script
 
     @classmethod
     def from_declarations(cls, scripts: tuple[Script, ...]) -> ScriptBook:
@@ -120,14 +139,9 @@ class Scripts:
         return None
 
     def _learn(self, body: bytes) -> str:
-        """The body's SHA1; a body that is a declared body file up to surrounding
-        white space (a client may trim it) makes that SHA1 match the declaration."""
         sha1 = hashlib.sha1(body).hexdigest()
-        book = self.book
-        if sha1 not in book.by_sha1 and book.by_body:
-            script = book.by_body.get(body.strip())
-            if script is not None:
-                book.by_sha1[sha1] = script
+        if sha1 not in self.book.bodies and len(self.book.bodies) < MAX_LEARNED:
+            self.book.learn(sha1, body.strip())
         return sha1
 
     def call(self, session: Session, args: list[bytes]) -> Outcome:
@@ -155,11 +169,17 @@ class Scripts:
         keys = args[3 : 3 + numkeys]
         argv_at = 3 + numkeys
         request: bytes | None = None
+        read_only = args[0].upper().endswith(b"_RO")  # Redis lets these write nothing
         if script is not None:
             if self._seal(session, script, keys, args, argv_at):
                 request = resp.encode_request(args)
-        else:
+        elif not read_only:
             protected = [k for k in keys if self.rules.match_key(session.db, k) is not None]
+            if protected and kind == "sha1" and self._nudge(ident[5:]):
+                # This process never saw the body: NOSCRIPT makes the client send it with
+                # EVAL (as every client does after SCRIPT FLUSH), so a declaration by body
+                # file is recognised, then and on every later EVALSHA.
+                return Answer(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
             if protected:
                 self.book.record(ident, protected[0])
                 refused = self.refuse or any(
@@ -177,6 +197,14 @@ class Scripts:
                         refusal=True,
                     )
         return Forward(request, self._reply_transform(session, script, keys, args[argv_at:]))
+
+    def _nudge(self, sha1: str) -> bool:
+        book = self.book
+        if not book.by_body or sha1 in book.bodies or sha1 in book.nudged:
+            return False
+        if len(book.nudged) < MAX_LEARNED:
+            book.nudged.add(sha1)
+        return True
 
     def _seal(
         self, session: Session, script: Script, keys: list[bytes], args: list[bytes], argv_at: int

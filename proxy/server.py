@@ -79,7 +79,7 @@ class ProxyState:
     dispatch: dict[bytes, Handler]
     max_request: int = resp.PROTO_MAX_BULK_LEN + 1024
     max_clients: int = 10000
-    max_client_output: int = 64 * 1024 * 1024
+    max_client_output: int = 1024 * 1024 * 1024
     idle_timeout: float = 0.0
     crypt: Any = None  # commands.FieldCrypt, when fields are protected
     jobs: Any = None  # admin.Jobs: the migration job
@@ -149,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamProtocol | None = None
         self.session: Session | None = None
-        self.early: list[bytes] = []  # bytes for upstream while it is still connecting
+        self.early: list[bytes | bytearray] = []  # bytes for upstream while it is still connecting
         self.paused_by: set[str] = set()
         self.upstream_paused = False
         self.closed = False
@@ -249,7 +249,11 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         while session.jobs:
-            asyncio.get_running_loop().create_task(self._run_job(session, session.jobs.pop(0)))
+            task = asyncio.get_running_loop().create_task(
+                self._run_job(session, session.jobs.pop(0))
+            )
+            self.server.tasks.add(task)  # the loop only keeps weak references to tasks
+            task.add_done_callback(self.server.tasks.discard)
         self._check_closing()
 
     async def _run_job(self, session: Session, deferred: Defer) -> None:
@@ -279,16 +283,16 @@ class ClientConnection(asyncio.Protocol):
 
     # --- upstream side --------------------------------------------------------
 
-    def _to_upstream_early(self, data: bytes) -> None:
+    def _to_upstream_early(self, data: bytes | bytearray) -> None:
         self.early.append(data)
         if sum(map(len, self.early)) > HIGH_WATER:
             self.pause_client_reading("connecting")
 
-    def _to_upstream(self, data: bytes) -> None:
+    def _to_upstream(self, data: bytes | bytearray) -> None:
         assert self.upstream is not None and self.upstream.transport is not None
         self.upstream.transport.write(data)
 
-    def _to_client(self, data: bytes) -> None:
+    def _to_client(self, data: bytes | bytearray) -> None:
         if self.closed:
             return
         assert self.transport is not None
@@ -408,6 +412,7 @@ class ProxyServer:
         self.servers: list[asyncio.AbstractServer] = []
         self.draining = False
         self._drained: asyncio.Event | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # deferred replies being produced
 
     async def start(
         self,

@@ -23,7 +23,8 @@ from typing import Final
 
 from proxy import resp
 
-Send = Callable[[bytes], None]
+Send = Callable[[bytes | bytearray], None]
+"""Writes bytes out. A bytearray passed in is a fresh copy, never changed afterwards."""
 
 
 class ReplyError(Exception):
@@ -154,14 +155,15 @@ class HelloEntry(Entry):
 
 
 class SelectEntry(Entry):
-    __slots__ = ("previous",)
+    __slots__ = ("db_version", "previous")
 
-    def __init__(self, previous: int) -> None:
+    def __init__(self, previous: int, db_version: int) -> None:
         self.previous = previous
+        self.db_version = db_version
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         if frame[0] in resp.ERROR_TYPES:
-            session.db = self.previous
+            session.correct_db(self.previous, self.db_version)
         return frame
 
 
@@ -183,39 +185,57 @@ class MonitorEntry(Entry):
         return frame
 
 
+Effect = tuple[bytes, int]
+"""What a queued command does to the connection when EXEC runs it: (b"SELECT", db) or
+(b"HELLO", 0)."""
+
+
 class QueuedEntry(Entry):
     """A command sent inside MULTI: its real reply comes in EXEC's array."""
 
-    __slots__ = ("transform",)
+    __slots__ = ("effect", "transform")
 
-    def __init__(self, transform: Transform | None) -> None:
+    def __init__(self, transform: Transform | None, effect: Effect | None = None) -> None:
         self.transform = transform
+        self.effect = effect
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         if frame == b"+QUEUED\r\n":
-            session.queued.append(self.transform)
+            session.queued.append((self.transform, self.effect))
         return frame
 
 
 class ExecEntry(Entry):
-    __slots__ = ("abort",)
+    __slots__ = ("abort", "db_before", "db_version")
 
-    def __init__(self, abort: bool = False) -> None:
+    def __init__(self, db_before: int, db_version: int, abort: bool = False) -> None:
+        self.db_before = db_before  # the db when MULTI was sent
+        self.db_version = db_version  # SELECTs the session had followed when EXEC was sent
         self.abort = abort  # the proxy refused a queued command: EXEC was sent as DISCARD
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         queued, session.queued = session.queued, []
         if self.abort:
             return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
-        if frame[0] != 42 or not any(queued):
+        if frame[0] != 42 or frame.startswith(b"*-1"):  # aborted: nothing ran
+            session.correct_db(self.db_before, self.db_version)
+            return frame
+        if not any(transform or effect for transform, effect in queued):
             return frame
         header_end, spans = resp.elements(frame, 0)
         if len(spans) != len(queued):
             return frame
         parts = [frame[:header_end]]
-        for transform, (start, end) in zip(queued, spans, strict=True):
+        db = self.db_before
+        for (transform, effect), (start, end) in zip(queued, spans, strict=True):
             element = frame[start:end]
+            if effect is not None and element[0] not in resp.ERROR_TYPES:
+                if effect[0] == b"SELECT":
+                    db = effect[1]
+                else:  # HELLO: the reply's type tells the protocol
+                    session.resp3 = element[0] == 37
             parts.append(element if transform is None else _apply(transform, session, element))
+        session.correct_db(db, self.db_version)
         return b"".join(parts)
 
 
@@ -259,7 +279,7 @@ class SubscribeEntry(Entry):
         self.remaining = remaining  # None: "all of them", counted when it's due
 
 
-def _resp2_push(buf: bytearray, start: int) -> bool:
+def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
     """In RESP2 pub/sub, messages and confirmations are plain arrays."""
     return (
         buf.startswith(b"*3\r\n$7\r\nmessage\r\n", start)
@@ -315,12 +335,15 @@ class Session:
         self.monitoring = False
         self.in_multi = False
         self.multi_refused = False
-        self.queued: list[Transform | None] = []
+        self.queued: list[tuple[Transform | None, Effect | None]] = []
+        self.multi_db = db  # the db when MULTI was sent
+        self.multi_modes: list[bytes] = []  # CLIENT REPLY modes queued in MULTI
+        self.db_version = 0  # bumped by each SELECT followed on the request side
         self.reply_mode = b"ON"  # CLIENT REPLY: ON, OFF or SKIP
         self.channels: set[bytes | None] = set()
         self.patterns: set[bytes | None] = set()
         self.shard_channels: set[bytes | None] = set()
-        self.pubsub = False  # subscribed, or about to be: RESP2 arrays may be messages
+        self.pubsub = False  # subscribed: in RESP2, arrays may be messages
         self.closing: str | None = None  # why the session ends once its replies are out
         self.failed: str | None = None  # an error that ends the session now
         self.commands = 0
@@ -355,14 +378,14 @@ class Session:
                 request = reader.next()
                 if request is None:
                     break
-                start, end, name, inline = request
+                start, end, name, args = request
                 count += 1
                 seen = counts.get(name)
                 if seen is not None:
                     counts[name] = seen + 1
                 elif len(counts) < MAX_COUNTED_NAMES:
                     counts[name] = 1
-                if inline is None and not self._slow and name not in dispatch:
+                if not self._slow and name not in dispatch and not reader.inline:
                     self._sample -= 1
                     if self._sample == 0:
                         self._sample = SAMPLE_EVERY
@@ -373,21 +396,20 @@ class Session:
                         pending.append(1)
                     continue
                 if run < start:
-                    self.send_upstream(bytes(buf[run:start]))
+                    self.send_upstream(buf[run:start])
                 run = end
-                args = inline if inline is not None else resp.request_args(buf, start, end)
-                self._dispatch(name, args, None if inline is not None else bytes(buf[start:end]))
+                self._dispatch(name, args, None if reader.inline else bytes(buf[start:end]))
         except resp.ProtocolError as error:
             end = reader.pos
             if run < end:
-                self.send_upstream(bytes(buf[run:end]))
+                self.send_upstream(buf[run:end])
             run = end
-            self._local(resp.error_reply(f"ERR {error}"))
+            self._answer(Answer(resp.error_reply(f"ERR {error}")))  # none under CLIENT REPLY OFF
             self.closing = "protocol error"
         finally:
             self.commands += count
         if run < reader.pos:
-            self.send_upstream(bytes(buf[run : reader.pos]))
+            self.send_upstream(buf[run : reader.pos])
         reader.compact()
         self._emit_ready()
 
@@ -427,6 +449,10 @@ class Session:
             request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
         self.send_upstream(request)
         self._expect(entry)
+        if type(entry) is ExecEntry and self.multi_modes:
+            for mode in self.multi_modes:  # CLIENT REPLY ran inside the transaction
+                self._client_reply(mode)
+            self.multi_modes = []
         if name == b"RESET":
             for what, internal_args in self.handshake:
                 self._send_internal(what, internal_args)
@@ -445,9 +471,15 @@ class Session:
         self, name: bytes, args: list[bytes], transform: Transform | None
     ) -> int | Entry | None:
         """Track a command that changes how replies line up with requests."""
+        if self.in_multi and name not in MULTI_CONTROL:
+            return self._queued_state(name, args, transform)
         if name == b"MULTI":
+            if self.in_multi:
+                return 1  # "MULTI calls can not be nested": the transaction goes on
             self.in_multi = True
             self.multi_refused = False
+            self.multi_db = self.db
+            self.multi_modes = []
             self._update_slow()
             return 1
         if name in (b"EXEC", b"DISCARD"):
@@ -456,7 +488,12 @@ class Session:
             self._update_slow()
             if not multi:
                 return 1
-            return ExecEntry(abort=refused) if name == b"EXEC" else DiscardEntry()
+            if name == b"DISCARD" or refused:
+                self._follow_db(self.multi_db)  # nothing in the transaction runs
+                self.multi_modes = []
+            if name == b"DISCARD":
+                return DiscardEntry()
+            return ExecEntry(self.multi_db, self.db_version, abort=refused)
         if name == b"RESET":
             self.in_multi = False
             self.reply_mode = b"ON"
@@ -466,12 +503,10 @@ class Session:
             # Followed at once, so that the commands behind it see the right db.
             previous = self.db
             try:
-                self.db = int(args[1])
+                self._follow_db(int(args[1]))
             except (IndexError, ValueError):
                 return None
-            return None if self.in_multi else SelectEntry(previous)
-        if self.in_multi:
-            return None  # queued: its effect comes with EXEC
+            return SelectEntry(previous, self.db_version)
         if name == b"HELLO":
             return HelloEntry()
         if name == b"MONITOR":
@@ -481,15 +516,49 @@ class Session:
             subscribing = not name.endswith(b"UNSUBSCRIBE")
             if subscribing and channels == 0:
                 return 1  # an arity error, one ordinary reply
-            self.pubsub = True
             return SubscribeEntry(SUBSCRIBE_KINDS[name], channels or None)
-        if name == b"CLIENT" and len(args) == 3 and args[1].upper() == b"REPLY":
-            mode = args[2].upper()
-            if mode in (b"ON", b"OFF", b"SKIP"):
-                self.reply_mode = mode
-                self._update_slow()
-                return 1 if mode == b"ON" else 0
+        mode = _client_reply_mode(name, args)
+        if mode is not None:
+            self._client_reply(mode)
+            return 1 if mode == b"ON" else 0
         return None
+
+    def _queued_state(
+        self, name: bytes, args: list[bytes], transform: Transform | None
+    ) -> QueuedEntry:
+        """A state-changing command inside MULTI: its effect comes when EXEC runs it."""
+        effect: Effect | None = None
+        if name == b"SELECT":
+            try:
+                db = int(args[1])
+            except (IndexError, ValueError):
+                db = self.db
+            self._follow_db(db)  # the queued commands behind it run in that db
+            effect = (b"SELECT", db)
+        elif name == b"HELLO":
+            effect = (b"HELLO", 0)
+        else:
+            mode = _client_reply_mode(name, args)
+            if mode is not None:
+                self.multi_modes.append(mode)
+        return QueuedEntry(transform, effect)
+
+    def _client_reply(self, mode: bytes) -> None:
+        """CLIENT REPLY as Redis applies it: SKIP is ignored while replies are OFF."""
+        if mode == b"SKIP" and self.reply_mode == b"OFF":
+            return
+        self.reply_mode = mode
+        self._update_slow()
+
+    def _follow_db(self, db: int) -> None:
+        if db != self.db:
+            self.db = db
+            self.db_version += 1
+
+    def correct_db(self, db: int, version: int) -> None:
+        """A reply showed the db is `db`, unless a later SELECT was sent meanwhile."""
+        if self.db_version == version:
+            self.db = db
 
     def _expect(self, entry: int | Entry) -> None:
         """Queue what the next reply goes through, unless CLIENT REPLY hides it."""
@@ -546,11 +615,21 @@ class Session:
         while True:
             if pending and type(pending[0]) is LocalEntry:
                 if run < reader.pos:
-                    self.send_client(bytes(buf[run : reader.pos]))
+                    self.send_client(buf[run : reader.pos])
                     run = reader.pos
                 self._emit_ready()
                 if pending and type(pending[0]) is LocalEntry:
                     break  # a deferred reply holds the rest back, in order
+            if pending and not self.monitoring:
+                due = pending[0]
+                if type(due) is int:
+                    done = reader.skip(due)
+                    if done:
+                        if done == due:
+                            pending.popleft()
+                        else:
+                            pending[0] = due - done
+                        continue
             end = reader.next()
             if end < 0:
                 break
@@ -559,7 +638,10 @@ class Session:
             kind = buf[start]
             # Out-of-band messages answer no request; they go out as they are.
             if kind == resp.PUSH or (
-                kind == 42 and self.pubsub and not self.resp3 and _resp2_push(buf, start)
+                kind == 42
+                and not self.resp3
+                and (self.pubsub or (pending and type(pending[0]) is SubscribeEntry))
+                and _resp2_push(buf, start)
             ):
                 self._on_push(buf, start, end)
                 continue
@@ -584,7 +666,7 @@ class Session:
                     pending[0] = head - 1
                 continue
             if run < start:
-                self.send_client(bytes(buf[run:start]))
+                self.send_client(buf[run:start])
             run = end
             pending.popleft()
             assert isinstance(head, Entry)
@@ -594,10 +676,10 @@ class Session:
             if self.failed is not None:
                 return
         if run < reader.pos:
-            self.send_client(bytes(buf[run : reader.pos]))
+            self.send_client(buf[run : reader.pos])
         reader.compact()
 
-    def _on_push(self, buf: bytearray, start: int, end: int) -> None:
+    def _on_push(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A subscribe-family confirmation settles its request and updates the subscriptions."""
         if b"subscribe\r\n" not in buf[start : min(end, start + 24)]:
             return
@@ -623,12 +705,7 @@ class Session:
         self._update_pubsub()
 
     def _update_pubsub(self) -> None:
-        self.pubsub = bool(
-            self.channels
-            or self.patterns
-            or self.shard_channels
-            or any(type(entry) is SubscribeEntry for entry in self.pending)
-        )
+        self.pubsub = bool(self.channels or self.patterns or self.shard_channels)
 
     def _leave_monitor(self) -> None:
         """RESET ends MONITOR. Replies before it were mixed into the monitor stream."""
@@ -680,6 +757,17 @@ class Session:
 SAMPLE_EVERY: Final = 16  # one request in this many is timed for the latency histogram
 MAX_COUNTED_NAMES: Final = 512  # distinct command names counted; more are not (no unbounded growth)
 OPEN_COMMANDS: Final = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})  # allowed before AUTH
+
+MULTI_CONTROL: Final = frozenset({b"MULTI", b"EXEC", b"DISCARD", b"WATCH", b"RESET", b"QUIT"})
+
+
+def _client_reply_mode(name: bytes, args: list[bytes]) -> bytes | None:
+    if name == b"CLIENT" and len(args) == 3 and args[1].upper() == b"REPLY":
+        mode = args[2].upper()
+        if mode in (b"ON", b"OFF", b"SKIP"):
+            return mode
+    return None
+
 
 STATEFUL: Final = frozenset(
     {b"MULTI", b"EXEC", b"DISCARD", b"RESET", b"HELLO", b"SELECT", b"MONITOR", b"CLIENT"}

@@ -63,7 +63,7 @@ def test_defaults_without_file_or_environment(tmp_path: Path) -> None:
     assert settings.listen == "127.0.0.1:6380"
     assert settings.upstream == "redis://127.0.0.1:6379"
     assert settings.max_request_bytes == 512 * 1024 * 1024
-    assert settings.max_client_output_bytes == 64 * 1024 * 1024
+    assert settings.max_client_output_bytes == 1024 * 1024 * 1024
     assert settings.drain_timeout == 10.0
     assert settings.on_decrypt_error == "error"
     assert settings.script_policy == "passthrough"
