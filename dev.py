@@ -68,9 +68,10 @@ def main(argv: list[str]) -> int:
         ensure("test,bench")
         return run(str(PYTHON), "-m", "bench", *rest)
     ensure("test")
+    sources = [p for p in ("proxy", "tests", "bench", "dev.py") if (ROOT / p).exists()]
     for step in (
-        [str(PYTHON), "-m", "ruff", "check", "proxy", "tests", "bench", "dev.py"],
-        [str(PYTHON), "-m", "ruff", "format", "--check", "proxy", "tests", "bench", "dev.py"],
+        [str(PYTHON), "-m", "ruff", "check", *sources],
+        [str(PYTHON), "-m", "ruff", "format", "--check", *sources],
         [str(PYTHON), "-m", "mypy", "proxy"],
     ):
         code = run(*step)
