@@ -33,7 +33,8 @@ LOCK_KEY: Final = b"fieldcrypt:migrate:lock"
 LOCK_TTL_MS: Final = 30_000
 LOCK_RENEW_SECONDS: Final = 10.0
 DEFAULT_COUNT: Final = 200  # keys per SCAN page
-DEFAULT_RATE: Final = 20_000  # fields per second; 0 = unlimited
+DEFAULT_RATE: Final = 10_000  # fields per second; 0 = unlimited
+SETTLE_BATCH: Final = 64  # fields decided and written between two yields to the loop
 MAX_NAMES: Final = 100
 MAX_RETRIES: Final = 5
 
@@ -327,7 +328,10 @@ class Migration:
                         found.append((key, rule, flat[i], flat[i + 1]))
                 if cursor == b"0":
                     break
-        await self._settle(found)
+        # Small batches: each is decided, written and paced before the next, so the
+        # proxy's event loop, which also serves the applications, is never held long.
+        for i in range(0, len(found), SETTLE_BATCH):
+            await self._settle(found[i : i + SETTLE_BATCH])
 
     async def _settle(
         self, found: list[tuple[bytes, Rule, bytes, bytes]], attempt: int = 0
