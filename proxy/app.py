@@ -13,6 +13,7 @@ from typing import Any
 
 from proxy.admin import Admin, AdminConfig, Jobs
 from proxy.client import ClientError, RedisClient
+from proxy.cluster_server import ClusterJobs, ClusterServer, Topology
 from proxy.commands import FieldCrypt, build_handlers
 from proxy.config import ConfigError, Settings, build_keyring, load_settings, parse_upstream
 from proxy.embedded import EmbeddedError, EmbeddedServer
@@ -107,17 +108,22 @@ class Runtime:
         self.metrics = Metrics(lambda: self.state)
         self.state.observe_latency = self.metrics.observe
         self.metrics.ready_check = self.ready_problem
-        self.jobs = Jobs(self._connect, lambda: self.state.crypt, target.db)
+        self.jobs: Jobs | ClusterJobs = Jobs(self._connect, lambda: self.state.crypt, target.db)
+        self.topology: Topology | None = None
+        seeds = parse_upstream(url).cluster_nodes
+        if seeds:  # a redis+cluster:// upstream
+            self.topology = Topology(seeds, target)
+            self.jobs = ClusterJobs(self.topology, lambda: self.state.crypt)
         self.state.jobs = self.jobs
         self.admin = Admin(
             AdminConfig(settings.admin_username, settings.admin_password, settings.client_password),
-            self.jobs,
+            self.jobs,  # type: ignore[arg-type]  # ClusterJobs has the same methods
             info=lambda section: info_text(self.state, section),
             reload=self.reload,
             scripts=lambda: self.state.scripts,
         )
         self.state.dispatch = self._dispatch(built)
-        self.server: ProxyServer | None = None
+        self.server: ProxyServer | ClusterServer | None = None
 
     async def _connect(self) -> RedisClient:
         return await RedisClient.connect(self.state.target)
@@ -247,7 +253,9 @@ async def _serve(
     runtime: Runtime, loop_name: str, reuse_port: bool = False, worker: int = 0
 ) -> int:
     settings = runtime.settings
-    server = ProxyServer(runtime.state)
+    server: ProxyServer | ClusterServer = ProxyServer(runtime.state)
+    if runtime.topology is not None:
+        server = ClusterServer(runtime.state, runtime.topology, settings.cluster_announce_self)
     runtime.server = server
     host, port = split_listen(settings.listen)
     try:

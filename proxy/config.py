@@ -97,14 +97,25 @@ class Upstream:
     password: str | None = field(default=None, repr=False)
     db: int = 0
     tls: bool = False
+    cluster_nodes: tuple[tuple[str, int], ...] = ()  # seed nodes of a redis+cluster:// URL
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.cluster_nodes)
 
     def display(self) -> str:
         """The URL with the password masked as ***."""
         scheme = "rediss" if self.tls else "redis"
-        host = f"[{self.host}]" if ":" in self.host else self.host
         user = self.username or ""
         auth = f"{user}:***@" if self.password is not None else (f"{user}@" if user else "")
-        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+        if self.cluster_nodes:
+            hosts = ",".join(_host_port(host, port) for host, port in self.cluster_nodes)
+            return f"{scheme}+cluster://{auth}{hosts}"
+        return f"{scheme}://{auth}{_host_port(self.host, self.port)}/{self.db}"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,7 @@ class Settings:
     client_password: str | None = None
     tls: TlsSettings = TlsSettings()
     upstream_tls: UpstreamTlsSettings = UpstreamTlsSettings()
+    cluster_announce_self: bool = False
     keys: tuple[KeySource, ...] = ()
     rules: tuple[Rule, ...] = ()
     on_decrypt_error: OnDecryptError = "error"
@@ -236,6 +248,7 @@ class Settings:
             password=self.upstream_password or target.password,
             db=target.db,
             tls=target.tls,
+            cluster_nodes=target.cluster_nodes,
         )
 
     def __repr__(self) -> str:
@@ -282,9 +295,13 @@ def parse_upstream(url: str) -> Upstream:
     scheme, separator, _ = url.partition("://")
     if not separator:
         raise ValueError("must be a URL such as redis://127.0.0.1:6379/0 or rediss://host:6380")
+    if scheme.lower() in ("redis+cluster", "rediss+cluster"):
+        return _parse_cluster_upstream(url, scheme.lower())
     if scheme.lower() not in ("redis", "rediss"):
-        shown = f" {scheme!r}" if _ENV_NAME.fullmatch(scheme) else ""
-        raise ValueError(f"has scheme{shown}; use redis:// or rediss:// (TLS)")
+        shown = f" {scheme!r}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_+]*", scheme) else ""
+        raise ValueError(
+            f"has scheme{shown}; use redis:// or rediss:// (TLS), or redis+cluster:// for a cluster"
+        )
     hint = "; percent-encode special characters in the password (e.g. %40 for @)"
     try:
         parts = urlsplit(url)
@@ -317,6 +334,42 @@ def parse_upstream(url: str) -> Upstream:
         password=unquote(parts.password) if parts.password is not None else None,
         db=db,
         tls=scheme.lower() == "rediss",
+    )
+
+
+def _parse_cluster_upstream(url: str, scheme: str) -> Upstream:
+    """redis+cluster://[user[:password]@]host1:port1,host2:port2 (seed nodes of a Redis
+    Cluster; rediss+cluster:// for TLS). Each seed is checked as a redis:// URL would be."""
+    rest = url.split("://", 1)[1]
+    auth, at, hosts = rest.rpartition("@")
+    if not at:
+        auth = ""
+    if not hosts.strip("/"):
+        raise ValueError("names no seed node; write redis+cluster://HOST:PORT,HOST:PORT")
+    if "/" in hosts:
+        hosts, _, path = hosts.partition("/")
+        if path not in ("", "0"):
+            raise ValueError("has a database number: a Redis Cluster has only database 0")
+    nodes: list[tuple[str, int]] = []
+    first: Upstream | None = None
+    for number, seed in enumerate(hosts.split(","), start=1):
+        seed = seed.strip()
+        if not seed:
+            raise ValueError(f"has an empty seed node (#{number}); separate HOST:PORT with commas")
+        try:
+            parsed = parse_upstream(f"redis://{auth + '@' if at else ''}{seed}")
+        except ValueError as error:
+            raise ValueError(f"seed node #{number} {error}") from None
+        first = first or parsed
+        nodes.append((parsed.host, parsed.port))
+    assert first is not None
+    return Upstream(
+        host=first.host,
+        port=first.port,
+        username=first.username,
+        password=first.password,
+        tls=scheme == "rediss+cluster",
+        cluster_nodes=tuple(nodes),
     )
 
 
@@ -555,6 +608,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("upstream_tls_key_file", _to_optional_str, path=True),
     _Option("upstream_tls_verify", _to_bool),
     _Option("upstream_tls_server_hostname", _to_optional_str),
+    _Option("cluster_announce_self", _to_bool),
 )
 _OPTION_BY_NAME = {option.name: option for option in _OPTIONS}
 _GROUP_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -97,7 +97,32 @@ def migrate_command(args: argparse.Namespace) -> int:
         rate=max(0.0, args.rate),
         db=upstream.db,
     )
+    if upstream.cluster:
+        seeds = upstream.cluster_nodes
+        return asyncio.run(_migrate_cluster(seeds, target, settings, keyring, options))
     return asyncio.run(_migrate(target, settings, keyring, options))
+
+
+async def _migrate_cluster(
+    seeds: tuple[tuple[str, int], ...],
+    target: Target,
+    settings: Settings,
+    keyring: KeyRing,
+    options: Options,
+) -> int:
+    """Every master of a cluster in turn, under one lock (see cluster_server.ClusterJobs)."""
+    from proxy.cluster_server import ClusterJobs, Topology
+
+    crypt = type("Crypt", (), {"rules": settings.rule_set, "keyring": keyring})()
+    jobs = ClusterJobs(Topology(seeds, target), lambda: crypt)
+    try:
+        await jobs.start(options)
+        report = await jobs.wait(None)
+    except (AlreadyRunning, ClientError) as error:
+        print(f"fieldcrypt migrate: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    assert report is not None
+    return _print_report(report)
 
 
 async def _migrate(target: Target, settings: Settings, keyring: KeyRing, options: Options) -> int:
@@ -117,6 +142,10 @@ async def _migrate(target: Target, settings: Settings, keyring: KeyRing, options
     finally:
         await client.close()
     progress.close()
+    return _print_report(report)
+
+
+def _print_report(report: Report) -> int:
     width = max(len(name) for name, _ in report.pairs())
     for name, value in report.pairs():
         shown = ", ".join(value) if isinstance(value, list) else value
