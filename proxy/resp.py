@@ -597,8 +597,12 @@ class ReplyReader:
                 else:
                     raise ProtocolError(f"Protocol error: unexpected reply type byte {kind!r}")
                 if count > 0:
-                    stack.append(count)
-                    continue
+                    # Most aggregates hold only bulk strings (HGETALL, MGET...): pass
+                    # over those in a tight loop, and fall back to the stack for the rest.
+                    scan, count = _skip_bulks(buf, scan, count, size)
+                    if count:
+                        stack.append(count)
+                        continue
             # One value is complete; close every aggregate it completes.
             while stack:
                 stack[-1] -= 1
@@ -608,6 +612,29 @@ class ReplyReader:
             else:
                 self._scan = scan
                 return scan
+
+
+def _skip_bulks(buf: bytes | bytearray, pos: int, count: int, size: int) -> tuple[int, int]:
+    """Pass over up to `count` complete bulk strings from `pos`: (new pos, how many are left)."""
+    find = buf.find
+    lengths = _BULK_LENGTHS
+    while count and pos < size and buf[pos] == 36:  # '$'
+        nl = find(b"\r\n", pos)
+        if nl < 0:
+            break
+        length = lengths.get(bytes(buf[pos:nl]))
+        if length is None:
+            length = _reply_int(buf, pos, nl)
+            if length < 0:
+                pos = nl + 2
+                count -= 1
+                continue
+        end = nl + length + 4
+        if end > size:
+            break
+        pos = end
+        count -= 1
+    return pos, count
 
 
 def _reply_int(buf: bytearray | bytes, start: int, nl: int) -> int:

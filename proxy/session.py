@@ -126,7 +126,8 @@ class InternalEntry(Entry):
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         if frame[0] in resp.ERROR_TYPES:
             message = frame[1:].split(b"\r\n", 1)[0].decode(errors="replace")
-            session.fail(f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}")
+            session.failed = f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}"
+            return resp.error_reply(session.failed)
         return None
 
 
@@ -373,6 +374,7 @@ class Session:
         dispatch = self.dispatch
         counts = self.command_counts
         count = 0
+        out: list[bytes | bytearray] = []  # what goes upstream, in order
         try:
             while True:
                 if not self._slow:
@@ -400,46 +402,47 @@ class Session:
                     else:
                         pending.append(1)
                     continue
-                if run < start:
-                    self.send_upstream(buf[run:start])
-                run = end
-                self._dispatch(name, args, None if reader.inline else bytes(buf[start:end]))
+                replacement = self._dispatch(name, args, reader.inline)
+                if replacement is not None:  # the request's own bytes don't go upstream
+                    if run < start:
+                        out.append(buf[run:start])
+                    if replacement:
+                        out.append(replacement)
+                    run = end
         except resp.ProtocolError as error:
-            end = reader.pos
-            if run < end:
-                self.send_upstream(buf[run:end])
-            run = end
             self._answer(Answer(resp.error_reply(f"ERR {error}")))  # none under CLIENT REPLY OFF
             self.closing = "protocol error"
         finally:
             self.commands += count
         if run < reader.pos:
-            self.send_upstream(buf[run : reader.pos])
+            out.append(buf[run : reader.pos])
+        if out:  # one write per read, however many requests it held
+            self.send_upstream(out[0] if len(out) == 1 else b"".join(out))
         reader.compact()
         self._emit_ready()
 
-    def _dispatch(self, name: bytes, args: list[bytes], raw: bytes | None) -> None:
-        """Send one request that is not on the fast path."""
+    def _dispatch(self, name: bytes, args: list[bytes], inline: bool) -> bytes | None:
+        """Queue what the reply of a request off the fast path goes through. Returns
+        what goes upstream instead of the request's bytes (b"": nothing), or None
+        when its bytes go as they are."""
         if self.locked and name not in OPEN_COMMANDS:
             self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
-            return
+            return b""
         handler = self.dispatch.get(name)
         outcome = handler(self, args) if handler is not None else None
         if isinstance(outcome, Answer):
             self._answer(outcome)
-            return
+            return b""
         if isinstance(outcome, Defer):
             self.pending.append(outcome.entry)
             self.jobs.append(outcome)
-            return
-        request = raw
+            return b""
+        request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
         if outcome is not None:
             transform = outcome.transform
             if outcome.request is not None:
                 request = outcome.request
-        if request is None:
-            request = resp.encode_request(args)
         entry: int | Entry | None = (
             self._state_entry(name, args, transform) if name in STATEFUL else None
         )
@@ -452,15 +455,18 @@ class Session:
                 entry = 1
         if type(entry) is ExecEntry and entry.abort:
             request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
-        self.send_upstream(request)
         self._expect(entry)
         if type(entry) is ExecEntry and self.multi_modes:
             for mode in self.multi_modes:  # CLIENT REPLY ran inside the transaction
                 self._client_reply(mode)
             self.multi_modes = []
-        if name == b"RESET":
+        if name == b"RESET" and self.handshake:  # the proxy's AUTH/SELECT again, after it
+            parts = [request or resp.encode_request(args)]
             for what, internal_args in self.handshake:
-                self._send_internal(what, internal_args)
+                parts.append(resp.encode_request(internal_args))
+                self.pending.append(InternalEntry(what))
+            return b"".join(parts)
+        return request
 
     def _expect_plain(self, n: int) -> None:
         """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed."""
@@ -635,12 +641,13 @@ class Session:
         buf = reader.buffer
         pending = self.pending
         run = reader.pos  # start of replies forwarded as they are
+        out: list[bytes | bytearray] = []  # what goes to the client, in order
         while True:
             if pending and type(pending[0]) is LocalEntry:
                 if run < reader.pos:
-                    self.send_client(buf[run : reader.pos])
+                    out.append(buf[run : reader.pos])
                     run = reader.pos
-                self._emit_ready()
+                self._emit_ready(out)
                 if pending and type(pending[0]) is LocalEntry:
                     break  # a deferred reply holds the rest back, in order
             if pending and not self.monitoring:
@@ -689,17 +696,19 @@ class Session:
                     pending[0] = head - 1
                 continue
             if run < start:
-                self.send_client(buf[run:start])
+                out.append(buf[run:start])
             run = end
             pending.popleft()
             assert isinstance(head, Entry)
-            out = head.on_reply(self, bytes(buf[start:end]))
-            if out is not None:
-                self.send_client(out)
+            reply = head.on_reply(self, bytes(buf[start:end]))
+            if reply is not None:
+                out.append(reply)
             if self.failed is not None:
-                return
-        if run < reader.pos:
-            self.send_client(buf[run : reader.pos])
+                break
+        if run < reader.pos and self.failed is None:
+            out.append(buf[run : reader.pos])
+        if out:  # one write per read, however many replies it held
+            self.send_client(out[0] if len(out) == 1 else b"".join(out))
         reader.compact()
 
     def _on_push(self, buf: bytes | bytearray, start: int, end: int) -> None:
@@ -738,8 +747,8 @@ class Session:
                 break
         self.reset_state()
 
-    def _emit_ready(self) -> None:
-        """Send local replies that have come to the front of the queue."""
+    def _emit_ready(self, out: list[bytes | bytearray] | None = None) -> None:
+        """Send (or add to `out`) the local replies that have come to the front of the queue."""
         pending = self.pending
         while pending and type(pending[0]) is LocalEntry:
             entry = pending[0]
@@ -747,7 +756,10 @@ class Session:
             if entry.reply is None:
                 return
             pending.popleft()
-            self.send_client(entry.reply)
+            if out is None:
+                self.send_client(entry.reply)
+            else:
+                out.append(entry.reply)
 
     # --- state ---------------------------------------------------------------
 
@@ -766,10 +778,6 @@ class Session:
         self.db = self.initial_db
         self.locked = self.requires_auth  # RESET signs the client out, as in Redis
         self._update_slow()
-
-    def fail(self, message: str) -> None:
-        self.failed = message
-        self.send_client(resp.error_reply(message))
 
     @property
     def idle(self) -> bool:

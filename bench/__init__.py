@@ -1,0 +1,1 @@
+"""fieldcrypt's benchmark: `python -m bench [--quick]`. See bench/README.md."""
