@@ -172,14 +172,12 @@ class RequestReader:
             name = args[0].upper()
             size = _encoded_size(args)
             end = pos + size if size else pos
-            if (
-                name in special
-                or not size
-                or size > limit
-                or buf[pos] != 42
-                or buf[end - 2 : end] != CRLF
-            ):
-                self._held = args
+            if not size or size > limit or buf[pos] != 42 or buf[end - 2 : end] != CRLF:
+                self._held = args  # next() judges it
+                break
+            if name in special:
+                self._held = (pos, end, name, args)  # ready: next() returns it as it is
+                pos = end
                 break
             seen = counts.get(name)
             if seen is not None:
@@ -193,9 +191,14 @@ class RequestReader:
 
     def next(self) -> tuple[int, int, bytes, list[bytes]] | None:
         if self._fast:
+            held = self._held
+            if type(held) is tuple:
+                self._held = None
+                self.inline = False
+                return held
             try:
-                if self._held is not None:
-                    args, self._held = self._held, None
+                if held is not None:
+                    args, self._held = held, None
                 else:
                     args = self._reader.gets()
             except hiredis.ProtocolError:
