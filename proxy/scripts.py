@@ -228,28 +228,33 @@ class Scripts:
     def _reply_transform(
         self, session: Session, script: Script | None, keys: list[bytes], argv: list[bytes]
     ) -> Transform:
-        crypt = self.crypt
-        # Field names to try for a value whose name the reply's shape doesn't give: the
-        # declared ones, then the literal field names of the rules covering KEYS. A wrong
-        # guess can't pass: the name is authenticated with the value.
-        candidates: list[bytes] = []
-        if script is not None:
-            candidates = [argv[f] for f, _ in declared_positions(script, len(argv))]
-        for key in keys:
-            key_rules = self.rules.match_key(session.db, key)
-            for rule in key_rules.rules if key_rules is not None else ():
-                candidates += [f.encode() for f in rule.fields if not set(f) & set("*?[\\")]
-        candidates = list(dict.fromkeys(candidates))
-        key_candidates = list(keys) or [b""]
+        db = session.db
 
         def transform(session: Session, frame: bytes) -> bytes:
             if HEADER_PREFIX not in frame:
                 return frame  # the common case: nothing protected in this reply
             value, _ = resp.decode(frame)
-            opener = _Opener(crypt, key_candidates, candidates)
+            opener = _Opener(
+                self.crypt, list(keys) or [b""], self._candidates(db, script, keys, argv)
+            )
             return resp.encode_value(opener.walk(value, None))
 
         return transform
+
+    def _candidates(
+        self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]
+    ) -> list[bytes]:
+        """Field names to try for a value whose name the reply's shape doesn't give: the
+        declared ones, then the literal field names of the rules covering KEYS. A wrong
+        guess can't pass: the name is authenticated with the value."""
+        candidates: list[bytes] = []
+        if script is not None:
+            candidates = [argv[f] for f, _ in declared_positions(script, len(argv))]
+        for key in keys:
+            key_rules = self.rules.match_key(db, key)
+            for rule in key_rules.rules if key_rules is not None else ():
+                candidates += [f.encode() for f in rule.fields if not set(f) & set("*?[\\")]
+        return list(dict.fromkeys(candidates))
 
 
 class _Opener:
