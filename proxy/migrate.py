@@ -33,7 +33,7 @@ LOCK_KEY: Final = b"fieldcrypt:migrate:lock"
 LOCK_TTL_MS: Final = 30_000
 LOCK_RENEW_SECONDS: Final = 10.0
 DEFAULT_COUNT: Final = 200  # keys per SCAN page
-DEFAULT_RATE: Final = 5_000  # fields per second; 0 = unlimited
+DEFAULT_RATE: Final = 2_000  # fields per second; 0 = unlimited
 SETTLE_BATCH: Final = 16  # fields decided and written between two yields to the loop
 UNPACED_BATCH: Final = 512  # the same with no rate limit (the CLI's default): fewer round trips
 MAX_NAMES: Final = 100
