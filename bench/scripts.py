@@ -38,7 +38,9 @@ LIST = (
 )
 
 
-def start_proxy(upstream: int, config: Path | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_proxy(
+    upstream: int, config: Path | None, upstream_url: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     command = [
         sys.executable,
@@ -48,7 +50,7 @@ def start_proxy(upstream: int, config: Path | None) -> tuple[subprocess.Popen[by
         "--listen",
         f"127.0.0.1:{port}",
         "--upstream",
-        f"redis://127.0.0.1:{upstream}",
+        upstream_url or f"redis://127.0.0.1:{upstream}",
         "--log-level",
         "warning",
     ]
@@ -86,7 +88,9 @@ def benchmark(port: int, requests: int, args: list[str]) -> float:
         text=True,
         timeout=300,
     )
-    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    text = done.stdout
+    header = text.find('"test"')  # --cluster prints the nodes it found first
+    rows = list(csv.DictReader(io.StringIO(text[header:] if header >= 0 else "")))
     if not rows:
         raise SystemExit(f"redis-benchmark failed: {done.stderr.strip()[:200]}")
     return float(rows[0]["rps"])
