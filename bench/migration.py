@@ -28,8 +28,9 @@ from pathlib import Path
 
 import redis
 
+from bench.scripts import start_proxy
 from proxy.crypto import Key, KeyRing, derive_key, generate_key
-from proxy.embedded import EmbeddedServer, free_port
+from proxy.embedded import EmbeddedServer
 
 RULES = 'rules:\n  - key: "acct:*"\n    fields: ["secret*"]\n'
 
@@ -48,39 +49,6 @@ def fill(port: int, fields: int, per_hash: int, secret: str) -> None:
         if h % 1000 == 999:
             pipe.execute()
     pipe.execute()
-
-
-def start_proxy(
-    upstream: int, config: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"redis://127.0.0.1:{upstream}",
-            "--config",
-            str(config),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            client.ping()
-            return process, port
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the proxy did not start")
 
 
 def latency(port: int, seconds: float, hashes: int) -> dict[str, float]:
@@ -170,7 +138,7 @@ def main() -> int:
             f"keys:\n  - secret_file: {work / 'c'}\n  - secret_file: {work / 'b'}\n"
             "    decrypt_only: true\n" + RULES
         )
-        proxy, port = start_proxy(server.port, config, env)
+        proxy, port = start_proxy(server.port, config, env=env)
         try:
             alone = latency(port, args.seconds, hashes)
             print(f"application alone:       {alone}", flush=True)

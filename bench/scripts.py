@@ -39,8 +39,12 @@ LIST = (
 
 
 def start_proxy(
-    upstream: int, config: Path | None, upstream_url: str | None = None
+    upstream: int,
+    config: Path | None,
+    upstream_url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """fieldcrypt on a free port, once it answers PING."""
     port = free_port()
     command = [
         sys.executable,
@@ -56,7 +60,7 @@ def start_proxy(
     ]
     if config is not None:
         command += ["--config", str(config)]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -42,10 +42,7 @@ class RedisClient:
                 asyncio.open_connection(
                     target.host,
                     target.port,
-                    ssl=target.ssl_context,
-                    server_hostname=(target.server_hostname or target.host)
-                    if target.ssl_context
-                    else None,
+                    **target.tls_options(),
                     limit=2**20,
                 ),
                 target.connect_timeout,

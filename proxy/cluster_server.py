@@ -32,7 +32,15 @@ from proxy import cluster, resp
 from proxy.client import ClientError, RedisClient
 from proxy.cluster import Address, CommandTable, SlotMap
 from proxy.migrate import LOCK_KEY, AlreadyRunning, Migration, Options, Report
-from proxy.server import HIGH_WATER, LOW_WATER, ProxyState, Target, describe_error
+from proxy.server import (
+    HIGH_WATER,
+    LOW_WATER,
+    ProxyState,
+    Target,
+    admit,
+    describe_error,
+    is_loopback,
+)
 from proxy.session import OPEN_COMMANDS, Answer, Defer, Forward, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
@@ -403,22 +411,10 @@ class ClusterClient(asyncio.Protocol):
     # --- client side ---------------------------------------------------------------------
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)
-        self.transport = transport
-        stats = self.state.stats
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if stats.connections_open >= self.state.max_clients:
-            stats.connections_rejected += 1
-            transport.write(b"-ERR max number of clients reached\r\n")
-            transport.close()
-            self.closed = True
+        transport = admit(self, base)
+        if transport is None:
             return
-        stats.connections_open += 1
-        stats.connections_total += 1
-        self.server.connections.add(self)
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
 
         def nowhere(data: bytes | bytearray) -> None:
             raise RuntimeError("a cluster session sends through ClusterClient")
@@ -430,9 +426,7 @@ class ClusterClient(asyncio.Protocol):
             locked=self.state.client_auth,
             command_counts=self.state.command_counts,
         )
-        self.session.loopback = peer is None or (
-            isinstance(peer, tuple) and peer[0] in ("127.0.0.1", "::1")
-        )
+        self.session.loopback = is_loopback(peer)
         if not self.topology.ready:
             self.pause_reading("topology")
             self._spawn(self._first_map())
@@ -987,10 +981,7 @@ class ClusterClient(asyncio.Protocol):
                     lambda: link,
                     target.host,
                     target.port,
-                    ssl=target.ssl_context,
-                    server_hostname=(target.server_hostname or target.host)
-                    if target.ssl_context
-                    else None,
+                    **target.tls_options(),
                 ),
                 target.connect_timeout,
             )

@@ -42,6 +42,12 @@ class Target:
     server_hostname: str | None = None
     connect_timeout: float = 5.0
 
+    def tls_options(self) -> dict[str, Any]:
+        """The TLS keywords for opening a connection to this target."""
+        if self.ssl_context is None:
+            return {}
+        return {"ssl": self.ssl_context, "server_hostname": self.server_hostname or self.host}
+
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -108,13 +114,36 @@ def describe_error(error: BaseException) -> str:
     return error.__class__.__name__
 
 
-def _is_loopback(peer: object) -> bool:
+def is_loopback(peer: object) -> bool:
     if not isinstance(peer, tuple):
         return isinstance(peer, str)  # a Unix socket: same machine
     try:
         return ipaddress.ip_address(peer[0]).is_loopback
     except ValueError:
         return False
+
+
+def admit(connection: Any, base: asyncio.BaseTransport) -> asyncio.Transport | None:
+    """Take in a new client connection, or refuse it past max_clients (then None).
+    `connection` has .transport, .peer, .closed, .state and .server, as both the
+    single-server and the cluster client connections do."""
+    transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
+    connection.transport = transport
+    stats = connection.state.stats
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        connection.peer = f"{peer[0]}:{peer[1]}"
+    if stats.connections_open >= connection.state.max_clients:
+        stats.connections_rejected += 1
+        transport.write(b"-ERR max number of clients reached\r\n")
+        transport.close()
+        connection.closed = True
+        return None
+    stats.connections_open += 1
+    stats.connections_total += 1
+    connection.server.connections.add(connection)
+    transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+    return transport
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -161,22 +190,10 @@ class ClientConnection(asyncio.Protocol):
     # --- client side ----------------------------------------------------------
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
-        self.transport = transport
-        stats = self.state.stats
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if stats.connections_open >= self.state.max_clients:
-            stats.connections_rejected += 1
-            transport.write(b"-ERR max number of clients reached\r\n")
-            transport.close()
-            self.closed = True
+        transport = admit(self, base)
+        if transport is None:
             return
-        stats.connections_open += 1
-        stats.connections_total += 1
-        self.server.connections.add(self)
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
         target = self.state.target
         self.session = Session(
             self.state.dispatch,
@@ -189,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
             observe_latency=self.state.observe_latency,
             locked=self.state.client_auth,
         )
-        self.session.loopback = _is_loopback(peer)
+        self.session.loopback = is_loopback(peer)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect())
         self._touch()
 
@@ -202,10 +219,7 @@ class ClientConnection(asyncio.Protocol):
                     lambda: UpstreamProtocol(self),
                     target.host,
                     target.port,
-                    ssl=target.ssl_context,
-                    server_hostname=(target.server_hostname or target.host)
-                    if target.ssl_context
-                    else None,
+                    **target.tls_options(),
                 ),
                 target.connect_timeout,
             )
