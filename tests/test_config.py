@@ -951,6 +951,16 @@ def test_example_config_loads(tmp_path: Path) -> None:
     assert explain(settings)
 
 
+def test_quickstart_config_builds_a_key_ring_from_fieldcrypt_secret(tmp_path: Path) -> None:
+    quickstart = REPO / "config" / "quickstart.yaml"
+    environ = {"FIELDCRYPT_SECRET": RAW_KEY}
+    settings = load_settings(str(quickstart), {}, environ, tmp_path)
+    ring = build_keyring(settings, environ)
+    assert ring.primary is not None and len(ring.keys) == 1
+    assert [r.key for r in settings.rules] == ["iad:*", "settings"]
+    assert settings.warnings == ()
+
+
 def test_example_config_mentions_every_option() -> None:
     from proxy.config import _TOP_LEVEL
 
