@@ -196,7 +196,11 @@ class Scripts:
                         ),
                         refusal=True,
                     )
-        return Forward(request, self._reply_transform(session, script, keys, args[argv_at:]))
+        return Forward(
+            request,
+            self._reply_transform(session, script, keys, args[argv_at:]),
+            only_with=HEADER_PREFIX,
+        )
 
     def _nudge(self, sha1: str) -> bool:
         book = self.book

@@ -39,11 +39,17 @@ class Forward:
     """A handler's answer: send the request (rewritten if `request` is given)
     and pass its reply through `transform`."""
 
-    __slots__ = ("request", "transform")
+    __slots__ = ("only_with", "request", "transform")
 
-    def __init__(self, request: bytes | None = None, transform: Transform | None = None) -> None:
+    def __init__(
+        self,
+        request: bytes | None = None,
+        transform: Transform | None = None,
+        only_with: bytes | None = None,
+    ) -> None:
         self.request = request
         self.transform = transform
+        self.only_with = only_with  # the transform is needed only if the reply holds these bytes
 
 
 class Answer:
@@ -87,10 +93,11 @@ class Entry:
 
 
 class TransformEntry(Entry):
-    __slots__ = ("transform",)
+    __slots__ = ("only_with", "transform")
 
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, only_with: bytes | None = None) -> None:
         self.transform = transform
+        self.only_with = only_with  # a reply without these bytes passes as it is
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         return _apply(self.transform, session, frame)
@@ -439,8 +446,10 @@ class Session:
             return b""
         request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
+        only_with = None
         if outcome is not None:
             transform = outcome.transform
+            only_with = outcome.only_with
             if outcome.request is not None:
                 request = outcome.request
         entry: int | Entry | None = (
@@ -450,7 +459,7 @@ class Session:
             if self.in_multi:
                 entry = QueuedEntry(transform)
             elif transform is not None:
-                entry = TransformEntry(transform)
+                entry = TransformEntry(transform, only_with)
             else:
                 entry = 1
         if type(entry) is ExecEntry and entry.abort:
@@ -694,6 +703,10 @@ class Session:
                     pending.popleft()
                 else:
                     pending[0] = head - 1
+                continue
+            marker = head.only_with if type(head) is TransformEntry else None
+            if marker is not None and buf.find(marker, start, end) < 0:
+                pending.popleft()  # nothing for its transform to do: the reply goes as it is
                 continue
             if run < start:
                 out.append(buf[run:start])
