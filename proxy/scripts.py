@@ -20,7 +20,9 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import hiredis
 
 from proxy import resp
 from proxy.commands import FieldCrypt, display_name
@@ -237,11 +239,22 @@ class Scripts:
         def transform(session: Session, frame: bytes) -> bytes:
             if HEADER_PREFIX not in frame:
                 return frame  # the common case: nothing protected in this reply
-            value, _ = resp.decode(frame)
             opener = _Opener(
                 self.crypt, list(keys) or [b""], self._candidates(db, script, keys, argv)
             )
-            return resp.encode_value(opener.walk(value, None))
+            found = _sealed_values(frame)
+            if found is None:  # not something hiredis reads: the lossless tree
+                value, _ = resp.decode(frame)
+                return resp.encode_value(opener.walk(value, None))
+            # Each ciphertext is unique (a random nonce), so its encoded bulk string
+            # occurs once: splice the plaintext in; every other byte stays as it was.
+            for stored, name in found.items():
+                plain = opener.open(stored, name)
+                frame = frame.replace(
+                    b"$%d\r\n%s\r\n" % (len(stored), stored),
+                    b"$%d\r\n%s\r\n" % (len(plain), plain),
+                )
+            return frame
 
         return transform
 
@@ -259,6 +272,44 @@ class Scripts:
             for rule in key_rules.rules if key_rules is not None else ():
                 candidates += [f.encode() for f in rule.fields if not set(f) & set("*?[\\")]
         return list(dict.fromkeys(candidates))
+
+
+def _sealed_values(frame: bytes) -> dict[bytes, bytes | None] | None:
+    """Every value in the reply that carries the header, with the field name its shape
+    gives (the element before it, or its map key), read by hiredis; None when hiredis
+    can't read the reply."""
+    reader = hiredis.Reader()
+    reader.feed(frame)
+    found: dict[bytes, bytes | None] = {}
+    try:
+        while (value := reader.gets()) is not False:  # an attribute comes as its own reply
+            _collect(value, found)
+    except (hiredis.ProtocolError, TypeError):
+        return None
+    return found
+
+
+def _collect(node: Any, found: dict[bytes, bytes | None]) -> None:
+    if type(node) is list:
+        previous: bytes | None = None
+        for item in node:
+            if type(item) is bytes:
+                if item.startswith(HEADER_PREFIX):
+                    found[item] = previous
+                previous = item
+            else:
+                if type(item) is list or type(item) is dict:
+                    _collect(item, found)
+                previous = None
+    elif type(node) is dict:
+        for key, item in node.items():
+            if type(item) is bytes:
+                if item.startswith(HEADER_PREFIX):
+                    found[item] = key if type(key) is bytes else None
+            elif type(item) is list or type(item) is dict:
+                _collect(item, found)
+    elif type(node) is bytes and node.startswith(HEADER_PREFIX):
+        found[node] = None
 
 
 class _Opener:
