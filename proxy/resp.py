@@ -110,10 +110,16 @@ class RequestReader:
         self._tail = data[-11:]
 
     def _resume_fast(self) -> None:
-        """Back to hiredis for what follows a request the strict parser read."""
-        rest = bytes(self.buffer[self.pos :])
+        """Back to hiredis for what follows a request the strict parser read, when that
+        is an array request and little enough to hand over; otherwise the strict parser
+        goes on until the buffer drains (a long run of inline commands, from
+        `redis-cli --pipe` say, must not be copied once per command)."""
         self._need = 0
         self._scan = -1
+        buf = self.buffer
+        if len(buf) - self.pos > PROTO_INLINE_MAX_SIZE or buf[self.pos : self.pos + 1] != b"*":
+            return
+        rest = bytes(buf[self.pos :])
         if _HUGE_COUNT.search(rest):
             return  # stay with the strict parser
         self._reader = hiredis.Reader()

@@ -291,6 +291,29 @@ def test_redis_cli_pipe_of_100000_commands_reports_no_errors(
     assert direct.dbsize() == 50_001
 
 
+def test_redis_cli_pipe_of_300000_inline_commands_reports_no_errors(
+    upstream: EmbeddedServer, proxy: ProxyThread, direct: redis.Redis, tmp_path: Path
+) -> None:
+    # Inline commands, as a text file of `SET k v` lines is piped in: they go through the
+    # strict parser, which must stay linear in a buffer holding hundreds of thousands of
+    # them (it once copied the rest of the buffer per command and never finished).
+    commands = tmp_path / "commands.txt"
+    commands.write_bytes(b"".join(b"SET inline:%d %d\n" % (i, i) for i in range(300_000)))
+
+    with commands.open("rb") as stdin:
+        result = subprocess.run(
+            [cli_binary(kind_of(upstream)), "-h", "127.0.0.1", "-p", str(proxy.port), "--pipe"],
+            stdin=stdin,
+            capture_output=True,
+            timeout=120,  # a bound against a hang, not a speed check
+        )
+
+    assert result.returncode == 0, result.stderr
+    assert b"errors: 0, replies: 300000" in result.stdout
+    assert direct.dbsize() == 300_000
+    assert direct.get("inline:299999") == b"299999"
+
+
 # --- RESP3 reply types ----------------------------------------------------------
 
 
