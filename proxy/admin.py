@@ -11,7 +11,7 @@ import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy import resp
 from proxy.client import ClientError, RedisClient
@@ -56,6 +56,18 @@ class AdminConfig:
 
 def _same(given: bytes, expected: str | None) -> bool:
     return expected is not None and hmac.compare_digest(given, expected.encode())
+
+
+class JobRunner(Protocol):
+    """What MIGRATE drives: one Redis (Jobs) or every master of a cluster."""
+
+    async def start(self, options: Options) -> Report: ...
+
+    def status(self) -> Report | None: ...
+
+    async def wait(self, timeout: float | None) -> Report | None: ...
+
+    def cancel(self) -> Report | None: ...
 
 
 class Jobs:
@@ -152,7 +164,7 @@ class Admin:
     def __init__(
         self,
         config: AdminConfig,
-        jobs: Jobs,
+        jobs: JobRunner,
         info: Callable[[str | None], bytes] | None = None,
         reload: Callable[[], Awaitable[str | None]] | None = None,
         scripts: Callable[[], Any] | None = None,

@@ -117,7 +117,7 @@ class Runtime:
         self.state.jobs = self.jobs
         self.admin = Admin(
             AdminConfig(settings.admin_username, settings.admin_password, settings.client_password),
-            self.jobs,  # type: ignore[arg-type]  # ClusterJobs has the same methods
+            self.jobs,
             info=lambda section: info_text(self.state, section),
             reload=self.reload,
             scripts=lambda: self.state.scripts,
