@@ -40,8 +40,18 @@ from proxy.server import (
     admit,
     describe_error,
     is_loopback,
+    write_to_client,
 )
-from proxy.session import OPEN_COMMANDS, Answer, Defer, Forward, ReplyError, Session, Transform
+from proxy.session import (
+    OPEN_COMMANDS,
+    Answer,
+    Defer,
+    Forward,
+    ReplyError,
+    Session,
+    Transform,
+    pubsub_confirmation,
+)
 
 log = logging.getLogger("fieldcrypt")
 
@@ -302,23 +312,6 @@ def _is_resp2_pubsub(frame: bytes) -> bool:
         or frame.startswith(b"*3\r\n$8\r\nsmessage\r\n")
         or (frame.startswith(b"*3\r\n$") and b"subscribe\r\n" in frame[:24])
     )
-
-
-def _confirmation(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
-    """(kind, channel, count) of a (un)subscribe confirmation, else None."""
-    if b"subscribe\r\n" not in frame[:24]:
-        return None
-    try:
-        value, _ = resp.decode(frame)
-    except (ValueError, IndexError):
-        return None
-    if not isinstance(value, resp.Aggregate) or len(value.items) != 3:
-        return None
-    kind, channel, count = value.items
-    if not isinstance(kind, resp.Blob) or kind.data not in _FAMILY:
-        return None
-    number = int(count.raw[1:-2]) if isinstance(count, resp.Simple) else 0
-    return kind.data, channel.data if isinstance(channel, resp.Blob) else None, number
 
 
 def _apply(transform: Transform | None, session: Session, frame: bytes) -> bytes:
@@ -859,7 +852,7 @@ class ClusterClient(asyncio.Protocol):
         self._send_to(sent)
 
     def _on_push(self, link: NodeLink, frame: bytes) -> None:
-        head = _confirmation(frame)
+        head = pubsub_confirmation(frame)
         if head is None:
             self._write(frame)  # a message, an invalidation: out of band, as it comes
             return
@@ -1136,16 +1129,7 @@ class ClusterClient(asyncio.Protocol):
             self.close()
 
     def _write(self, data: bytes) -> None:
-        if self.closed or self.transport is None:
-            return
-        self.state.stats.bytes_out += len(data)
-        self.transport.write(data)
-        if self.transport.get_write_buffer_size() > self.state.max_client_output:
-            log.warning(
-                "client %s disconnected: it reads too slowly (output over max_client_output_bytes)",
-                self.peer,
-            )
-            self.close(abort=True)
+        write_to_client(self, data)
 
     def _fail(self, message: str) -> None:
         self.flush()

@@ -146,6 +146,22 @@ def admit(connection: Any, base: asyncio.BaseTransport) -> asyncio.Transport | N
     return transport
 
 
+def write_to_client(connection: Any, data: bytes | bytearray) -> None:
+    """Send to a client (see `admit` for what `connection` has); one that reads too
+    slowly for what it is owed is disconnected at max_client_output_bytes."""
+    transport = connection.transport
+    if connection.closed or transport is None:
+        return
+    connection.state.stats.bytes_out += len(data)
+    transport.write(data)
+    if transport.get_write_buffer_size() > connection.state.max_client_output:
+        log.warning(
+            "client %s disconnected: it reads too slowly (output over max_client_output_bytes)",
+            connection.peer,
+        )
+        connection.close(abort=True)
+
+
 class UpstreamProtocol(asyncio.Protocol):
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
@@ -307,17 +323,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream.transport.write(data)
 
     def _to_client(self, data: bytes | bytearray) -> None:
-        if self.closed:
-            return
-        assert self.transport is not None
-        self.state.stats.bytes_out += len(data)
-        self.transport.write(data)
-        if self.transport.get_write_buffer_size() > self.state.max_client_output:
-            log.warning(
-                "client %s disconnected: it reads too slowly (output over max_client_output_bytes)",
-                self.peer,
-            )
-            self.close(abort=True)
+        write_to_client(self, data)
 
     def from_upstream(self, data: bytes) -> None:
         session = self.session

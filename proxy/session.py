@@ -297,8 +297,10 @@ def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
     )
 
 
-def _pubsub_head(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
+def pubsub_confirmation(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
     """(kind, channel, count) of a subscribe-family confirmation, else None."""
+    if b"subscribe\r\n" not in frame[:24]:
+        return None
     try:
         value, _ = resp.decode(frame)
     except (ValueError, IndexError):
@@ -727,8 +729,8 @@ class Session:
     def _on_push(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A subscribe-family confirmation settles its request and updates the subscriptions."""
         if b"subscribe\r\n" not in buf[start : min(end, start + 24)]:
-            return
-        head = _pubsub_head(bytes(buf[start:end]))
+            return  # a message, not a confirmation: no need to copy it
+        head = pubsub_confirmation(bytes(buf[start:end]))
         if head is None:
             return
         kind, channel, _count = head
