@@ -35,6 +35,7 @@ from proxy.migrate import LOCK_KEY, AlreadyRunning, Migration, Options, Report
 from proxy.server import (
     HIGH_WATER,
     LOW_WATER,
+    ProxyServer,
     ProxyState,
     Target,
     admit,
@@ -1189,21 +1190,17 @@ def _exec_transform(transforms: list[Transform | None], refused: bool) -> Transf
 # --- The server ---------------------------------------------------------------------------------
 
 
-class ClusterServer:
-    """Like ProxyServer, with a cluster behind it."""
+class ClusterServer(ProxyServer):
+    """ProxyServer, with a cluster behind it: its client connections route by slot."""
 
     def __init__(self, state: ProxyState, topology: Topology, announce_self: bool = False):
-        self.state = state
+        super().__init__(state)
         self.topology = topology
         self.announce_self = announce_self
         self.announce: Address | None = None
-        self.connections: set[ClusterClient] = set()
-        self.servers: list[asyncio.AbstractServer] = []
-        self.draining = False
-        self._drained: asyncio.Event | None = None
         self._numbers = 0
 
-    def _client(self) -> ClusterClient:
+    def new_connection(self) -> asyncio.Protocol:
         self._numbers += 1
         return ClusterClient(self, self._numbers)
 
@@ -1218,40 +1215,10 @@ class ClusterServer:
             await self.topology.refresh()
         except ClientError as error:  # clients retry it when they connect
             log.warning("cluster not reachable yet: %s", error)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            self._client,
-            host,
-            port,
-            ssl=ssl_context or self.state.tls,
-            reuse_port=reuse_port or None,
-            backlog=4096,
-        )
-        self.servers.append(server)
-        bound = [sock.getsockname()[:2] for sock in server.sockets]
+        bound = await super().start(host, port, ssl_context, reuse_port)
         if self.announce_self and self.announce is None:
             self.announce = (bound[0][0], bound[0][1])
         return bound
-
-    def on_connection_closed(self) -> None:
-        if self._drained is not None and not self.connections:
-            self._drained.set()
-
-    async def drain(self, timeout: float) -> None:
-        self.draining = True
-        for server in self.servers:
-            server.close()
-        self._drained = asyncio.Event()
-        for connection in list(self.connections):
-            if connection.idle:
-                connection.close()
-        if self.connections:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout)
-        for connection in list(self.connections):
-            connection.close()
-        for server in self.servers:
-            await server.wait_closed()
 
 
 # --- Migration across masters ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -216,7 +217,11 @@ class Table:
 
     # Reads -----------------------------------------------------------------------
 
-    def hget(self, session: Session, args: list[bytes]) -> Outcome:
+    def _one_field(
+        self, session: Session, args: list[bytes], reply: Callable[[bytes | None], bytes | None]
+    ) -> Transform | None:
+        """For `CMD key field` on a protected field: a transform that opens the stored
+        value and gives it to `reply` (None for a missing field); None if unprotected."""
         if len(args) != 3:
             return None
         key, field = args[1], args[2]
@@ -227,11 +232,16 @@ class Table:
 
         def transform(session: Session, frame: bytes) -> bytes:
             value = _bulk_value(frame)
-            if value is None:
-                return frame
-            return resp.bulk(crypt.open(rule, key, field, value))
+            shaped = reply(None if value is None else crypt.open(rule, key, field, value))
+            return frame if shaped is None else shaped
 
-        return Forward(transform=transform)
+        return transform
+
+    def hget(self, session: Session, args: list[bytes]) -> Outcome:
+        transform = self._one_field(
+            session, args, lambda plain: None if plain is None else resp.bulk(plain)
+        )
+        return Forward(transform=transform) if transform else None
 
     def _values_for_fields(
         self, session: Session, key: bytes, fields: list[bytes]
@@ -360,21 +370,10 @@ class Table:
 
     def hstrlen(self, session: Session, args: list[bytes]) -> Outcome:
         # The stored length is the ciphertext's: read the value and measure the plaintext.
-        if len(args) != 3:
+        transform = self._one_field(session, args, lambda plain: b":%d\r\n" % len(plain or b""))
+        if transform is None:
             return None
-        key, field = args[1], args[2]
-        rule = self._rule(session, key, field)
-        if rule is None:
-            return None
-        crypt = self.crypt
-
-        def transform(session: Session, frame: bytes) -> bytes:
-            value = _bulk_value(frame)
-            if value is None:
-                return b":0\r\n"
-            return b":%d\r\n" % len(crypt.open(rule, key, field, value))
-
-        return Forward(resp.encode_request([b"HGET", key, field]), transform)
+        return Forward(resp.encode_request([b"HGET", args[1], args[2]]), transform)
 
     def sort(self, session: Session, args: list[bytes]) -> Outcome:
         # SORT key [BY pattern] [LIMIT offset count] [GET pattern ...] [ASC|DESC] [ALPHA]

@@ -370,6 +370,11 @@ class ClientConnection(asyncio.Protocol):
 
     # --- lifecycle -------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """No reply is owed to the client."""
+        return self.session is None or self.session.idle
+
     def _check_closing(self) -> None:
         session = self.session
         if (session is not None and session.closing is not None and not session.pending) or (
@@ -426,13 +431,19 @@ class ClientConnection(asyncio.Protocol):
 
 
 class ProxyServer:
+    """Listens, accepts client connections, and drains them on stop. The cluster
+    server is this with another kind of client connection."""
+
     def __init__(self, state: ProxyState) -> None:
         self.state = state
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Any] = set()  # ClientConnection, or the cluster's ClusterClient
         self.servers: list[asyncio.AbstractServer] = []
         self.draining = False
         self._drained: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # deferred replies being produced
+
+    def new_connection(self) -> asyncio.Protocol:
+        return ClientConnection(self)
 
     async def start(
         self,
@@ -443,7 +454,7 @@ class ProxyServer:
     ) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: ClientConnection(self),
+            self.new_connection,
             host,
             port,
             ssl=ssl_context or self.state.tls,
@@ -464,7 +475,7 @@ class ProxyServer:
             server.close()
         self._drained = asyncio.Event()
         for connection in list(self.connections):
-            if connection.session is None or connection.session.idle:
+            if connection.idle:
                 connection.close()
         if self.connections:
             try:
