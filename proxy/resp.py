@@ -18,6 +18,7 @@ for the few replies the proxy rewrites.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, Final
@@ -66,10 +67,13 @@ class RequestReader:
     __slots__ = (
         "_argc",
         "_fast",
+        "_flags",
         "_held",
         "_need",
+        "_odd",
         "_reader",
         "_scan",
+        "_special",
         "_tail",
         "buffer",
         "inline",
@@ -84,17 +88,21 @@ class RequestReader:
         self.inline = False
         self._reader = hiredis.Reader()
         self._fast = True  # hiredis holds exactly the bytes from `pos` on
-        self._held: Any = None  # a request hiredis read that take_plain() left for next()
+        self._held: Any = None  # a request take_plain() read and left for next(), from `pos`
         self._tail = b""  # the end of the last read, to find a count cut in two
         self._need = 0  # strict parser: don't rescan until the buffer holds this many bytes
         self._scan = -1  # strict parser: resume point inside a partly read array request
         self._argc = 0
+        self._odd = False  # a request from `pos` on may start with `~` or `|`
+        self._special: Container[bytes] | None = None  # what take_plain's flags are for
+        self._flags: dict[bytes, bool] = {}
 
     def feed(self, data: bytes) -> None:
         if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
             self.buffer = data
             self.pos = self._need = 0
             self._scan = -1
+            self._odd = False
             if not self._fast:  # the strict parser drained the stream: hiredis again
                 self._reader = hiredis.Reader()
                 self._fast = True
@@ -102,8 +110,11 @@ class RequestReader:
             if type(self.buffer) is not bytearray:
                 self._rebase(bytearray(self.buffer[self.pos :]))
             self.buffer += data
+        tail = self._tail
+        if b"\n~" in data or b"\n|" in data or (data[:1] in (b"~", b"|") and tail.endswith(b"\n")):
+            self._odd = True  # a request may start `~` or `|`: see take_plain
         if self._fast:
-            if _HUGE_COUNT.search(data) or _HUGE_COUNT.search(self._tail + data[:12]):
+            if _HUGE_COUNT.search(data) or (b"*" in tail and _HUGE_COUNT.search(tail + data[:12])):
                 self._fast = False  # hiredis would reserve room for every element up front
             else:
                 self._reader.feed(data)
@@ -152,18 +163,29 @@ class RequestReader:
         else:
             self._rebase(bytearray(self.buffer[self.pos :]))
 
-    def take_plain(self, special: Container[bytes], counts: dict[bytes, int]) -> int:
+    def take_plain(self, special: Container[bytes], counts: Counter[bytes]) -> int:
         """Pass over the complete array requests from `pos` whose names are not in
-        `special`, counting their names; returns how many. The fast path for
-        pipelines: no tuple or call per request. It stops before anything else,
-        which `next()` then returns."""
+        `special`, counting their names as sent (any case); returns how many. The
+        fast path for pipelines: no tuple or call per request. It stops before
+        anything else, which `next()` then returns.
+
+        When these requests fill the buffer to its end, where each one ends does
+        not matter: their bytes go upstream together. Only a request that must be
+        handled apart, or a partial one at the end, needs each size worked out.
+        What Redis would read differently from hiredis is an array whose elements
+        are not all bulk strings (Redis answers a protocol error and closes the
+        connection, whatever the proxy thinks of it) or a request starting `~` or
+        `|` (an inline command to Redis, an aggregate to hiredis), which `feed`
+        looks for."""
         if not self._fast or self._held is not None:
             return 0
+        if special is not self._special:  # a new dispatch table (a reload)
+            self._special = special
+            self._flags = {}
+        flags = self._flags  # name as sent -> whether it is in `special`
         gets = self._reader.gets
-        buf = self.buffer
-        pos = self.pos
-        limit = self.max_request
-        done = 0
+        taken: list[list[bytes]] = []
+        special_args: Any = None  # the request that stopped the run, if any
         while True:
             try:
                 args = gets()
@@ -172,41 +194,61 @@ class RequestReader:
                 break
             if args is False:
                 break
-            if type(args) is not list or not args:
-                self._held = args
+            if type(args) is not list or not args or type(args[0]) is not bytes:
+                self._fast = False  # null, empty, inline or not RESP: the strict parser judges
                 break
-            name = args[0].upper()
-            size = _encoded_size(args)
-            end = pos + size if size else pos
-            if not size or size > limit or buf[pos] != 42 or buf[end - 2 : end] != CRLF:
-                self._held = args  # next() judges it
+            flag = flags.get(args[0])
+            if flag is None:
+                flag = args[0].upper() in special
+                if len(flags) < MAX_COUNTED_NAMES:
+                    flags[args[0]] = flag
+            if flag:
+                special_args = args
                 break
-            if name in special:
-                self._held = (pos, end, name, args)  # ready: next() returns it as it is
-                pos = end
+            taken.append(args)
+        buf = self.buffer
+        pos = self.pos
+        if (
+            special_args is None
+            and self._fast
+            and taken
+            and len(buf) - pos <= self.max_request
+            and buf[pos] == 42
+            and not self._odd
+        ):
+            if at_value_end(self._reader):
+                self.pos = len(buf)
+                count_names(counts, taken)
+                return len(taken)
+            self._fast = False  # a partial request at the end: the strict parser reads it
+        limit = self.max_request
+        for done, args in enumerate(taken):
+            end = _checked_end(buf, pos, args, limit)
+            if end < 0:  # this one and those after it: the strict parser reads them
+                del taken[done:]
+                self._fast = False
                 break
-            seen = counts.get(name)
-            if seen is not None:
-                counts[name] = seen + 1
-            elif len(counts) < MAX_COUNTED_NAMES:
-                counts[name] = 1
             pos = end
-            done += 1
         self.pos = pos
-        return done
+        count_names(counts, taken)
+        if special_args is not None and self._fast:
+            end = _checked_end(buf, pos, special_args, limit)
+            if end < 0:
+                self._fast = False
+            else:
+                self._held = (pos, end, special_args[0].upper(), special_args)
+        return len(taken)
 
     def next(self) -> tuple[int, int, bytes, list[bytes]] | None:
         if self._fast:
             held = self._held
-            if type(held) is tuple:
+            if held is not None:
                 self._held = None
                 self.inline = False
-                return held
+                self.pos = held[1]
+                return held  # type: ignore[no-any-return]
             try:
-                if held is not None:
-                    args, self._held = held, None
-                else:
-                    args = self._reader.gets()
+                args = self._reader.gets()
             except hiredis.ProtocolError:
                 args = None  # not RESP hiredis reads: the strict parser says what Redis would
             else:
@@ -379,6 +421,44 @@ def _encoded_size(args: list[bytes]) -> int | None:
     return size
 
 
+def count_names(counts: Counter[bytes], requests: list[list[bytes]]) -> None:
+    """Add the requests' names (as sent, in any case) to `counts`, which keeps at most
+    MAX_COUNTED_NAMES names: a client sending made-up names cannot grow it."""
+    for args in requests:
+        counts[args[0]] += 1
+    if len(counts) > MAX_COUNTED_NAMES:
+        for name in list(counts)[MAX_COUNTED_NAMES:]:
+            del counts[name]
+
+
+def at_value_end(reader: Any) -> bool:
+    """Whether a hiredis.Reader, whose complete values have all been taken, ended on
+    a value's end. `has_data()` alone cannot tell: hiredis takes in an aggregate's
+    header and elements (and a lone type byte) before the aggregate is complete.
+    So an empty array is fed as a probe: only at a value's end does it come back
+    as a value of its own. When it does not, the reader is spent."""
+    if reader.has_data():
+        return False
+    reader.feed(b"*0\r\n")
+    try:
+        probe = reader.gets()
+    except hiredis.ProtocolError:
+        return False
+    return type(probe) is list and not probe
+
+
+def _checked_end(buf: bytes | bytearray, pos: int, args: list[bytes], limit: int) -> int:
+    """Where the request hiredis read as `args` ends, if it starts at `pos`, is all
+    bulk strings in canonical form and is within `limit` bytes; else -1."""
+    size = _encoded_size(args)
+    if not size or size > limit:
+        return -1
+    end = pos + size
+    if buf[pos] != 42 or buf[end - 2 : end] != CRLF:
+        return -1
+    return end
+
+
 def request_args(buf: bytes | bytearray, start: int, end: int) -> list[bytes]:
     """The arguments of one complete array request at `buf[start:end]`."""
     nl = buf.find(b"\r\n", start)
@@ -494,9 +574,17 @@ class ReplyReader:
     per piece. `next()` returns the end offset of the next complete value,
     which starts at `pos`; the caller then sets `pos` to that end. `skip(n)`
     passes over up to n simple replies at once, for the common case.
+
+    `count(n)` passes over up to n RESP2 replies of any shape, parsed by hiredis
+    in C, for runs of replies that go out untouched. hiredis gives no offsets,
+    so while it holds part of a reply, `pos` stays where it started (at the
+    first reply it has not finished) and `counting` is true; when it has read
+    to the end of the buffer, `pos` moves there. Where a run ends inside the
+    buffer, or hiredis has held more than `COUNT_WINDOW` bytes, the Python
+    framer walks the replies hiredis counted to find the offset (`_settle`).
     """
 
-    __slots__ = ("_need", "_scan", "_stack", "buffer", "pos")
+    __slots__ = ("_ahead", "_counter", "_need", "_scan", "_spare", "_stack", "buffer", "pos")
 
     def __init__(self) -> None:
         self.buffer: bytes | bytearray = b""
@@ -504,6 +592,14 @@ class ReplyReader:
         self._scan = 0  # next header to read, inside the value at `pos`
         self._stack: list[int] = []  # elements still due in each open aggregate
         self._need = 0
+        self._counter: Any = None  # a hiredis.Reader holding the bytes from `pos` on
+        self._spare: Any = None  # an empty hiredis.Reader, for the next run
+        self._ahead = 0  # complete replies it has returned from them
+
+    @property
+    def counting(self) -> bool:
+        """hiredis holds a partial reply: only more bytes can finish it."""
+        return self._counter is not None
 
     def feed(self, data: bytes) -> None:
         if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
@@ -513,6 +609,61 @@ class ReplyReader:
         if type(self.buffer) is not bytearray:
             self.buffer = bytearray(self.buffer)
         self.buffer += data
+        if self._counter is not None:
+            self._counter.feed(data)
+
+    def count(self, limit: int) -> int:
+        """Pass over up to `limit` complete replies from `pos`; returns how many.
+        Only for RESP2 streams outside pub/sub, where every value is a reply."""
+        counter = self._counter
+        if counter is None:
+            buf = self.buffer
+            pos = self.pos
+            if pos >= len(buf) or self._stack or self._scan > pos or self._need > len(buf):
+                return 0  # nothing new, or the Python framer is inside a value
+            counter = self._counter = self._spare or hiredis.Reader()
+            self._spare = None
+            counter.feed(buf if pos == 0 else buf[pos:])  # type: ignore[arg-type]  # any buffer
+            self._ahead = 0
+        gets = counter.gets
+        done = 0
+        try:
+            while done < limit and gets() is not False:
+                done += 1
+        except hiredis.ProtocolError:
+            self._ahead += done
+            self._settle()  # the Python framer reads on, and says what is wrong
+            return done
+        partial = counter.has_data()
+        if not partial and at_value_end(counter):  # the buffer ends at a reply's end
+            self._counter = None
+            self._spare = counter  # empty, so it can count the next run
+            self.pos = self._scan = len(self.buffer)
+            self._need = 0
+            return done
+        self._ahead += done
+        if not partial:  # the probe went into a partial reply: read the bytes again
+            counter = self._counter = hiredis.Reader()
+            counter.feed(self.buffer[self.pos :])  # type: ignore[arg-type]  # any buffer
+            for _ in range(self._ahead):
+                counter.gets()
+        if done == limit or len(self.buffer) - self.pos > COUNT_WINDOW:
+            self._settle()
+        return done
+
+    def _settle(self) -> None:
+        """Leave counting: move `pos` past the replies hiredis counted."""
+        ahead = self._ahead
+        self._counter = None
+        self._ahead = 0
+        self._scan = self.pos
+        self._stack = []
+        self._need = 0
+        for _ in range(ahead):
+            end = self.next()
+            if end < 0:
+                raise ProtocolError("Protocol error: reply framing disagrees with hiredis")
+            self.pos = end
 
     def compact(self) -> None:
         pos = self.pos
@@ -534,6 +685,8 @@ class ReplyReader:
         """Pass over up to `limit` complete simple replies (+, -, :, $) from `pos`;
         returns how many. It stops at anything else (aggregates, pushes, a partial
         reply), which `next()` then reads."""
+        if self._counter is not None:
+            self._settle()
         if self._stack or self._scan > self.pos:
             return 0  # in the middle of a value
         buf = self.buffer
@@ -566,6 +719,8 @@ class ReplyReader:
 
     def next(self) -> int:
         """The end of the value starting at `pos`, or -1 if it is incomplete."""
+        if self._counter is not None:
+            self._settle()
         buf = self.buffer
         size = len(buf)
         if size < self._need:
@@ -621,6 +776,9 @@ class ReplyReader:
             else:
                 self._scan = scan
                 return scan
+
+
+COUNT_WINDOW: Final = 1024 * 1024  # most bytes `count` holds back before it settles
 
 
 def _skip_bulks(buf: bytes | bytearray, pos: int, count: int, size: int) -> tuple[int, int]:

@@ -9,12 +9,14 @@ side's transport buffer fills, the other side stops being read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
 import signal
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -93,7 +95,7 @@ class ProxyState:
     client_auth: bool = False  # clients must AUTH to the proxy
     tls: ssl.SSLContext | None = None  # for clients
     stats: Stats = field(default_factory=Stats)
-    command_counts: dict[bytes, int] = field(default_factory=dict)
+    command_counts: Counter[bytes] = field(default_factory=Counter)  # names as sent
     observe_latency: Callable[[float], None] | None = None
 
 
@@ -166,6 +168,8 @@ class UpstreamProtocol(asyncio.Protocol):
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        # Replies go straight to the client connection: one Python call per read, not two.
+        self.data_received = client.from_upstream  # type: ignore[method-assign]
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
@@ -201,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self.connect_task: asyncio.Task[None] | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
+        self.timed = self.state.idle_timeout > 0  # idle connections are closed
         self.peer = "?"
 
     # --- client side ----------------------------------------------------------
@@ -214,7 +219,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = Session(
             self.state.dispatch,
             self._to_upstream_early,
-            self._to_client,
+            functools.partial(write_to_client, self),
             db=target.db,
             handshake=target.handshake(),
             max_request=self.state.max_request,
@@ -261,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
         if self.early:
             protocol.transport.writelines(self.early)
             self.early = []
-        self.session.send_upstream = self._to_upstream
+        self.session.send_upstream = protocol.transport.write
         self.resume_client_reading("connecting")
         if self.upstream_paused:
             protocol.transport.pause_reading()
@@ -271,7 +276,8 @@ class ClientConnection(asyncio.Protocol):
         if session is None:
             return
         self.state.stats.bytes_in += len(data)
-        self._touch()
+        if self.timed:
+            self._touch()
         try:
             session.client_data(data)
         except Exception:
@@ -284,7 +290,8 @@ class ClientConnection(asyncio.Protocol):
             )
             self.server.tasks.add(task)  # the loop only keeps weak references to tasks
             task.add_done_callback(self.server.tasks.discard)
-        self._check_closing()
+        if session.closing is not None or self.server.draining:
+            self._check_closing()
 
     async def _run_job(self, session: Session, deferred: Defer) -> None:
         """Produce a deferred reply (an admin command) and send it in its turn."""
@@ -318,18 +325,12 @@ class ClientConnection(asyncio.Protocol):
         if sum(map(len, self.early)) > HIGH_WATER:
             self.pause_client_reading("connecting")
 
-    def _to_upstream(self, data: bytes | bytearray) -> None:
-        assert self.upstream is not None and self.upstream.transport is not None
-        self.upstream.transport.write(data)
-
-    def _to_client(self, data: bytes | bytearray) -> None:
-        write_to_client(self, data)
-
     def from_upstream(self, data: bytes) -> None:
         session = self.session
         if session is None or self.closed:
             return
-        self._touch()
+        if self.timed:
+            self._touch()
         try:
             session.upstream_data(data)
         except resp.ProtocolError as error:
@@ -344,7 +345,8 @@ class ClientConnection(asyncio.Protocol):
             log.warning("client %s closed: %s", self.peer, session.failed)
             self.close()
             return
-        self._check_closing()
+        if session.closing is not None or self.server.draining:
+            self._check_closing()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.closed:

@@ -17,7 +17,7 @@ edit here.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -138,17 +138,24 @@ class InternalEntry(Entry):
         return None
 
 
-class TimedEntry(Entry):
-    """A sampled request: its reply time goes to the latency histogram."""
+class TimedRun(Entry):
+    """Requests sent together whose replies pass untouched, sampled: the time until
+    the last reply goes to the latency histogram. Like an int in the queue, its
+    replies stay in the forwarded run."""
 
-    __slots__ = ("started",)
+    __slots__ = ("remaining", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
         self.started = time.perf_counter()
 
-    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+    def passed(self, session: Session, done: int) -> bool:
+        """`done` of its replies went by; True when they all have."""
+        self.remaining -= done
+        if self.remaining:
+            return False
         session.observe_latency(time.perf_counter() - self.started)
-        return frame
+        return True
 
 
 class HelloEntry(Entry):
@@ -328,7 +335,7 @@ class Session:
         db: int = 0,
         handshake: list[tuple[str, list[bytes]]] | None = None,
         max_request: int = resp.PROTO_MAX_BULK_LEN + 1024,
-        command_counts: dict[bytes, int] | None = None,
+        command_counts: Counter[bytes] | None = None,
         observe_latency: Callable[[float], None] | None = None,
         locked: bool = False,
     ) -> None:
@@ -357,7 +364,7 @@ class Session:
         self.closing: str | None = None  # why the session ends once its replies are out
         self.failed: str | None = None  # an error that ends the session now
         self.commands = 0
-        self.command_counts = command_counts if command_counts is not None else {}
+        self.command_counts = command_counts if command_counts is not None else Counter()
         self.observe_latency = observe_latency or (lambda seconds: None)
         self._sample = SAMPLE_EVERY  # time one request in SAMPLE_EVERY
         self.requires_auth = locked
@@ -377,13 +384,24 @@ class Session:
             return  # after a protocol error or QUIT, Redis reads nothing more
         reader = self.requests
         reader.feed(data)
-        buf = reader.buffer
-        run = reader.pos  # start of requests forwarded as they are
-        pending = self.pending
         dispatch = self.dispatch
         counts = self.command_counts
-        count = 0
+        run = reader.pos  # start of requests forwarded as they are
+        plain = 0
+        if not self._slow and reader.buffer is data:  # nothing held over from the last read
+            plain = reader.take_plain(dispatch, counts)
+            if plain and reader.pos == len(data):  # all of it: forward the read as it came
+                self.commands += plain
+                self._expect_plain(plain)
+                self.send_upstream(data)
+                reader.compact()
+                return
+        buf = reader.buffer
+        pending = self.pending
+        count = plain
         out: list[bytes | bytearray] = []  # what goes upstream, in order
+        if plain:
+            self._expect_plain(plain)
         try:
             while True:
                 if not self._slow:
@@ -405,7 +423,7 @@ class Session:
                     self._sample -= 1
                     if self._sample == 0:
                         self._sample = SAMPLE_EVERY
-                        pending.append(TimedEntry())
+                        pending.append(TimedRun(1))
                     elif pending and type(pending[-1]) is int:
                         pending[-1] += 1
                     else:
@@ -480,13 +498,12 @@ class Session:
         return request
 
     def _expect_plain(self, n: int) -> None:
-        """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed."""
+        """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed
+        (with those sent along with it)."""
         self._sample -= n
         if self._sample <= 0:
             self._sample = SAMPLE_EVERY
-            if n > 1:
-                self._pending_tail_int(n - 1)
-            self.pending.append(TimedEntry())  # the last of them
+            self.pending.append(TimedRun(n))
         else:
             self._pending_tail_int(n)
 
@@ -652,6 +669,21 @@ class Session:
         buf = reader.buffer
         pending = self.pending
         run = reader.pos  # start of replies forwarded as they are
+        first = pending[0] if pending else None
+        if (
+            buf is data
+            and type(first) is int
+            and not (self.resp3 or self.pubsub or self.monitoring)
+        ):  # the common case: a read of replies that all pass untouched
+            done = reader.count(first)
+            if done == first:
+                pending.popleft()
+            elif done:
+                pending[0] = first - done
+            if reader.pos == len(data) and not (pending and type(pending[0]) is LocalEntry):
+                self.send_client(data)
+                reader.compact()
+                return
         out: list[bytes | bytearray] = []  # what goes to the client, in order
         while True:
             if pending and type(pending[0]) is LocalEntry:
@@ -663,14 +695,22 @@ class Session:
                     break  # a deferred reply holds the rest back, in order
             if pending and not self.monitoring:
                 due = pending[0]
-                if type(due) is int:
-                    done = reader.skip(due)
+                n = due if type(due) is int else due.remaining if type(due) is TimedRun else 0
+                if n:  # replies that pass untouched
+                    # In RESP2 outside pub/sub every value is a reply: hiredis counts them.
+                    resp2 = not self.resp3 and not self.pubsub
+                    done = reader.count(n) if resp2 else reader.skip(n)
                     if done:
-                        if done == due:
+                        if type(due) is TimedRun:
+                            if due.passed(self, done):
+                                pending.popleft()
+                        elif done == n:
                             pending.popleft()
                         else:
-                            pending[0] = due - done
+                            pending[0] = n - done
                         continue
+                    if reader.counting:
+                        break  # hiredis holds part of the next reply
             end = reader.next()
             if end < 0:
                 break
@@ -705,6 +745,10 @@ class Session:
                     pending.popleft()
                 else:
                     pending[0] = head - 1
+                continue
+            if type(head) is TimedRun:
+                if head.passed(self, 1):
+                    pending.popleft()
                 continue
             marker = head.only_with if type(head) is TransformEntry else None
             if marker is not None and buf.find(marker, start, end) < 0:

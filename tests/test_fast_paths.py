@@ -1,0 +1,158 @@
+"""The session's fast paths (proxy/session.py, proxy/resp.py), with no server: runs of
+requests that go upstream as they came, and runs of replies that hiredis counts, must
+give the same bytes and the same reply order however the stream is split, whatever
+the values hold (RESP-looking bytes, `~`, `|`, CRLF), and wherever a read ends: inside
+a value, between an aggregate's elements, or on a lone type byte."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.resp import encode_request
+from proxy.session import Forward, Outcome, Session, base_dispatch
+from tests.test_resp import BINARY, INLINE_WORD, LINE, SKIPPED, blob, split_points
+
+# Values that look like RESP, so a wrong guess about where a request ends shows.
+RESPISH = st.sampled_from(
+    [
+        encode_request([b"PING"]),
+        encode_request([b"SET", b"k", b"v"])[:-3],
+        b"\r\n~2\r\n",
+        b"\n|1\r\n",
+        b"*3\r\n",
+        b"*1",
+        b"$",
+        b"*99999999\r\n",
+    ]
+)
+VALUE = st.one_of(BINARY, RESPISH, st.tuples(BINARY, RESPISH).map(b"".join))
+NAMES = st.sampled_from([b"GET", b"get", b"Set", b"PING", b"ECHO", b"SELECT", b"HELLO"])
+
+
+@st.composite
+def request_streams(draw: st.DrawFn) -> list[tuple[bytes, bytes] | bytes]:
+    """Array requests as (bytes, what goes upstream), inline ones, and skipped bytes."""
+    items: list[tuple[bytes, bytes] | bytes] = []
+    for _ in range(draw(st.integers(1, 24))):
+        kind = draw(st.sampled_from(["array"] * 6 + ["inline", "skipped"]))
+        if kind == "array":
+            args = [draw(NAMES), *draw(st.lists(VALUE, max_size=3))]
+            request = encode_request(args)
+            items.append((request, request))
+        elif kind == "inline":
+            words = draw(st.lists(INLINE_WORD, max_size=2))
+            args = [b"ECHO", *[word.encode() for word in words]]
+            items.append((b" ".join(args) + b"\r\n", encode_request(args)))
+        else:
+            items.append(draw(SKIPPED))
+    return items
+
+
+def feed_requests(session: Session, stream: bytes, points: list[int]) -> None:
+    for left, right in itertools.pairwise(points):
+        session.client_data(stream[left:right])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=request_streams(), data=st.data())
+def test_requests_go_upstream_as_they_came_however_split(
+    items: list[tuple[bytes, bytes] | bytes], data: st.DataObject
+) -> None:
+    stream = b"".join(item if isinstance(item, bytes) else item[0] for item in items)
+    expected = b"".join(item if isinstance(item, bytes) else item[1] for item in items)
+    requests = sum(1 for item in items if not isinstance(item, bytes))
+    upstream: list[bytes] = []
+    session = Session(base_dispatch(), lambda b: upstream.append(bytes(b)), lambda b: None)
+    feed_requests(session, stream, split_points(data, len(stream)))
+
+    assert b"".join(upstream) == expected
+    assert session.commands == requests
+    assert session.closing is None
+    assert not session.requests.pending_bytes()
+
+
+def test_a_read_ending_between_the_elements_of_a_request_holds_it_back() -> None:
+    # hiredis has taken in "*3\r\n$3\r\nSET\r\n" and says it has nothing left unread.
+    request = encode_request([b"SET", b"key", b"value"])
+    upstream: list[bytes] = []
+    session = Session(base_dispatch(), lambda b: upstream.append(bytes(b)), lambda b: None)
+    session.client_data(encode_request([b"PING"]) + request[:13])
+    assert b"".join(upstream) == encode_request([b"PING"])
+    session.client_data(request[13:])
+    assert b"".join(upstream) == encode_request([b"PING"]) + request
+    assert session.commands == 2
+
+
+# --- replies -----------------------------------------------------------------------------
+
+RESP2_LEAVES = st.one_of(
+    LINE.map(lambda text: b"+" + text + b"\r\n"),
+    LINE.map(lambda text: b"-ERR " + text + b"\r\n"),
+    st.integers(-(2**63), 2**63 - 1).map(lambda n: b":%d\r\n" % n),
+    st.one_of(BINARY, RESPISH).map(lambda data: blob(b"$", data)),
+    st.sampled_from([b"$-1\r\n", b"*-1\r\n", b"*0\r\n"]),
+)
+RESP2_VALUES = st.recursive(
+    RESP2_LEAVES,
+    lambda children: st.lists(children, max_size=5).map(
+        lambda items: b"*%d\r\n" % len(items) + b"".join(items)
+    ),
+    max_leaves=12,
+)
+REWRITTEN = b"+rewritten\r\n"
+
+
+def rewriting_dispatch() -> dict[bytes, object]:
+    """XFORM's reply is rewritten (unless it is an error); every other reply passes."""
+
+    def xform(session: Session, args: list[bytes]) -> Outcome:
+        return Forward(transform=lambda _session, _frame: REWRITTEN)
+
+    return {**base_dispatch(), b"XFORM": xform}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    replies=st.lists(st.tuples(st.booleans(), RESP2_VALUES), min_size=1, max_size=30),
+    data=st.data(),
+)
+def test_replies_pass_or_are_rewritten_in_order_however_split(
+    replies: list[tuple[bool, bytes]], data: st.DataObject
+) -> None:
+    requests = b"".join(
+        encode_request([b"XFORM" if rewritten else b"GET", b"k"]) for rewritten, _ in replies
+    )
+    stream = b"".join(reply for _, reply in replies)
+    expected = b"".join(
+        REWRITTEN if rewritten and not reply.startswith(b"-") else reply
+        for rewritten, reply in replies
+    )
+    client: list[bytes] = []
+    session = Session(
+        rewriting_dispatch(),  # type: ignore[arg-type]
+        lambda b: None,
+        lambda b: client.append(bytes(b)),
+    )
+    session.client_data(requests)
+    for left, right in itertools.pairwise(split_points(data, len(stream))):
+        session.upstream_data(stream[left:right])
+
+    assert b"".join(client) == expected
+    assert not session.pending
+
+
+def test_a_read_ending_on_a_lone_type_byte_is_counted_once_the_reply_is_whole() -> None:
+    # hiredis takes in the "*" and reports nothing unread: the reply is not over.
+    client: list[bytes] = []
+    session = Session(base_dispatch(), lambda b: None, lambda b: client.append(bytes(b)))
+    session.client_data(encode_request([b"GET", b"a"]) + encode_request([b"LRANGE", b"l"]))
+    session.upstream_data(b"$1\r\nx\r\n*")
+    assert len(session.pending) == 1
+    session.upstream_data(b"2\r\n$1\r\na\r\n")
+    assert len(session.pending) == 1
+    session.upstream_data(b"$1\r\nb\r\n")
+    assert b"".join(client) == b"$1\r\nx\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+    assert not session.pending
