@@ -15,16 +15,22 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import hiredis
 
 from proxy import resp
 from proxy.crypto import HEADER_PREFIX, DecryptError, KeyRing
-from proxy.rules import Glob, Rule, RuleSet
+from proxy.rules import Glob, KeyRules, Rule, RuleSet
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
+
+# Bounds of the per-key-rules memo of field names: cleared when full; long names are
+# looked up every time, so a client cannot pin large buffers in memory.
+_MEMO_LIMIT = 100_000
+_MEMO_NAME_LENGTH = 1024
 
 
 def display_name(raw: bytes) -> str:
@@ -42,6 +48,7 @@ class FieldCrypt:
         self.counts: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self._field_globs = [Glob(f.encode()) for rule in rules.rules for f in rule.fields]
+        self._field_rule_memo: dict[KeyRules, dict[bytes, Rule | None]] = {}
 
     def seal(self, rule: Rule, key: bytes, field: bytes, value: bytes) -> bytes:
         """The stored form of a protected value: ciphertext, or cleartext in decrypt-only mode."""
@@ -90,6 +97,61 @@ class FieldCrypt:
         self.counts["decrypted"] += 1
         return plain
 
+    def open_pairs(self, key_rules: KeyRules, key: bytes, pairs: list[Any]) -> None:
+        """Decrypt, in place, the protected values of a flat field/value list of `key`."""
+        fields = pairs[0 : len(pairs) - 1 : 2]
+        values = pairs[1::2]
+        self.open_values(self.field_rules(key_rules, fields), key, fields, values)
+        pairs[1::2] = values
+
+    def open_values(
+        self, rules: list[Rule | None], key: bytes, fields: list[Any], values: list[Any]
+    ) -> None:
+        """`open` each values[i] (of fields[i] in `key`) whose rules[i] is set, in place.
+
+        The decrypt cache is asked for every value in one pass (C-level map), so a
+        reply of many fields costs a dictionary lookup per value, not a decryption."""
+        cached = self.keyring.cached
+        plains: list[bytes | None] | None = None
+        if cached is not None:
+            try:
+                plains = list(map(cached, zip(values, fields, repeat(key))))
+            except TypeError:  # something unhashable in the reply: no shortcut
+                plains = None
+        hits = 0
+        try:
+            for i, rule in enumerate(rules):
+                if rule is None:
+                    continue
+                if plains is not None:
+                    plain = plains[i]
+                    if plain is not None:
+                        values[i] = plain
+                        hits += 1
+                        continue
+                value = values[i]
+                if value is not None:
+                    values[i] = self.open(rule, key, fields[i], value)
+        finally:
+            if hits:
+                self.counts["decrypted"] += hits
+
+    def field_rules(self, key_rules: KeyRules, fields: list[Any]) -> list[Rule | None]:
+        """`key_rules.field_rule` of each field, through a memo of names already seen."""
+        memo = self._field_rule_memo.get(key_rules)
+        if memo is None:
+            memo = self._field_rule_memo[key_rules] = {}
+        try:
+            if not all(map(memo.__contains__, fields)):
+                for field in fields:
+                    if field not in memo and len(field) <= _MEMO_NAME_LENGTH:
+                        if len(memo) >= _MEMO_LIMIT:
+                            memo.clear()
+                        memo[field] = key_rules.field_rule(field)
+            return list(map(memo.__getitem__, fields))
+        except (KeyError, TypeError):  # a long or odd name, or the memo just refilled
+            return [key_rules.field_rule(field) for field in fields]
+
     def field_is_protected(self, field: bytes) -> bool:
         """Whether some rule protects a field of this name, for any key."""
         return any(glob.matches(field) for glob in self._field_globs)
@@ -120,9 +182,51 @@ def _encode_flat(session: Session, items: list[Any], out: list[bytes]) -> None:
 
 
 def _array(session: Session, items: list[Any]) -> bytes:
-    out = [b"*%d\r\n" % len(items)]
-    _encode_flat(session, items, out)
-    return b"".join(out)
+    return b"*%d\r\n%b" % (len(items), _elements(session, items))
+
+
+# Bulk string headers for short lengths, each after the CRLF that ends the element
+# before it: a reply's elements are then one join of (header, item) pairs, with no
+# Python step per element.
+_SHORT_BULK = 4096
+_BULK_HEADS: tuple[bytes, ...] = tuple(b"\r\n$%d\r\n" % n for n in range(_SHORT_BULK + 1))
+
+
+def _bulks(items: list[Any]) -> bytes:
+    """The RESP encoding of `items`, one bulk string each, without the array header.
+    Raises TypeError when an item is not bytes (a null, a nested array, a number)."""
+    count = len(items)
+    if not count:
+        return b""
+    parts: list[Any] = [b"\r\n"] * (2 * count + 1)
+    try:
+        parts[0 : 2 * count : 2] = map(_BULK_HEADS.__getitem__, map(len, items))
+    except IndexError:  # an item longer than _SHORT_BULK
+        return b"".join([b"$%d\r\n%b\r\n" % (len(item), item) for item in items])
+    parts[0] = parts[0][2:]
+    parts[1 : 2 * count : 2] = items
+    return b"".join(parts)
+
+
+def _elements(session: Session, items: list[Any]) -> bytes:
+    """The RESP encoding of a flat reply's elements, without its header."""
+    try:
+        return _bulks(items)
+    except TypeError:  # nulls or nested arrays: element by element
+        out: list[bytes] = []
+        _encode_flat(session, items, out)
+        return b"".join(out)
+
+
+_FOUR_BULKS = b"*4\r\n" + b"$%d\r\n%b\r\n" * 4
+
+
+def _encode_request(args: list[bytes]) -> bytes:
+    """A request as an array of bulk strings (what resp.encode_request makes, faster)."""
+    if len(args) == 4:  # HSET key field value, the common write
+        a, b, c, d = args
+        return _FOUR_BULKS % (len(a), a, len(b), b, len(c), c, len(d), d)
+    return b"*%d\r\n%b" % (len(args), _bulks(args))
 
 
 def _bulk_value(frame: bytes) -> bytes | None:
@@ -176,11 +280,13 @@ class Table:
         key_rules = self.rules.match_key(session.db, key)
         if key_rules is None:
             return False
+        field_rule = key_rules.field_rule
+        seal = self.crypt.seal
         changed = False
         for i in range(start, len(args) - 1, 2):
-            rule = key_rules.field_rule(args[i])
+            rule = field_rule(args[i])
             if rule is not None:
-                args[i + 1] = self.crypt.seal(rule, key, args[i], args[i + 1])
+                args[i + 1] = seal(rule, key, args[i], args[i + 1])
                 changed = True
         return changed
 
@@ -189,7 +295,7 @@ class Table:
         if len(args) < 4 or len(args) % 2:
             return None  # Redis answers the arity error
         if self._seal_pairs(session, args, 2):
-            return Forward(resp.encode_request(args))
+            return Forward(_encode_request(args))
         return None
 
     def hsetex(self, session: Session, args: list[bytes]) -> Outcome:
@@ -198,7 +304,7 @@ class Table:
         if start is None or len(args) < 3:
             return None
         if self._seal_pairs(session, args, start):
-            return Forward(resp.encode_request(args))
+            return Forward(_encode_request(args))
         return None
 
     def refuse_arithmetic(self, session: Session, args: list[bytes]) -> Outcome:
@@ -222,12 +328,10 @@ class Table:
     ) -> Transform | None:
         """For `CMD key field` on a protected field: a transform that opens the stored
         value and gives it to `reply` (None for a missing field); None if unprotected."""
-        if len(args) != 3:
+        found = self._protected_field(session, args)
+        if found is None:
             return None
-        key, field = args[1], args[2]
-        rule = self._rule(session, key, field)
-        if rule is None:
-            return None
+        key, field, rule = found
         crypt = self.crypt
 
         def transform(session: Session, frame: bytes) -> bytes:
@@ -237,11 +341,33 @@ class Table:
 
         return transform
 
+    def _protected_field(
+        self, session: Session, args: list[bytes]
+    ) -> tuple[bytes, bytes, Rule] | None:
+        """(key, field, rule) for `CMD key field` on a protected field, else None."""
+        if len(args) != 3:
+            return None
+        key, field = args[1], args[2]
+        rule = self._rule(session, key, field)
+        return None if rule is None else (key, field, rule)
+
     def hget(self, session: Session, args: list[bytes]) -> Outcome:
-        transform = self._one_field(
-            session, args, lambda plain: None if plain is None else resp.bulk(plain)
-        )
-        return Forward(transform=transform) if transform else None
+        found = self._protected_field(session, args)
+        if found is None:
+            return None
+        key, field, rule = found
+        open_value = self.crypt.open
+
+        def transform(session: Session, frame: bytes) -> bytes:
+            if frame[0] == 95 or frame.startswith(b"$-1"):  # '_' or $-1: null
+                return frame
+            value = frame[frame.index(b"\r\n") + 2 : -2]
+            plain = open_value(rule, key, field, value)
+            if plain is value:  # cleartext passed through: the reply as it came
+                return frame
+            return b"$%d\r\n%b\r\n" % (len(plain), plain)
+
+        return Forward(transform=transform)
 
     def _values_for_fields(
         self, session: Session, key: bytes, fields: list[bytes]
@@ -250,7 +376,7 @@ class Table:
         key_rules = self.rules.match_key(session.db, key)
         if key_rules is None:
             return None
-        protected = [key_rules.field_rule(f) for f in fields]
+        protected = self.crypt.field_rules(key_rules, fields)
         if not any(protected):
             return None
         crypt = self.crypt
@@ -259,9 +385,7 @@ class Table:
             values = _decode(frame)
             if not isinstance(values, list) or len(values) != len(fields):
                 return frame
-            for i, rule in enumerate(protected):
-                if rule is not None and values[i] is not None:
-                    values[i] = crypt.open(rule, key, fields[i], values[i])
+            crypt.open_values(protected, key, fields, values)
             return _array(session, values)
 
         return transform
@@ -285,11 +409,7 @@ class Table:
         key_rules = self.rules.match_key(session.db, key)
         if key_rules is None:
             return pairs
-        crypt = self.crypt
-        for i in range(0, len(pairs) - 1, 2):
-            rule = key_rules.field_rule(pairs[i])
-            if rule is not None and pairs[i + 1] is not None:
-                pairs[i + 1] = crypt.open(rule, key, pairs[i], pairs[i + 1])
+        self.crypt.open_pairs(key_rules, key, pairs)
         return pairs
 
     def hgetall(self, session: Session, args: list[bytes]) -> Outcome:
@@ -299,12 +419,12 @@ class Table:
 
         def transform(session: Session, frame: bytes) -> bytes:
             reply = _decode(frame)
+            if type(reply) is list:
+                return _array(session, self._open_pairs(session, key, reply))
             if isinstance(reply, dict):  # RESP3 map
                 pairs = [item for pair in reply.items() for item in pair]
                 self._open_pairs(session, key, pairs)
-                out = [b"%%%d\r\n" % len(reply)]
-                _encode_flat(session, pairs, out)
-                return b"".join(out)
+                return b"%%%d\r\n%b" % (len(reply), _elements(session, pairs))
             if isinstance(reply, list):
                 return _array(session, self._open_pairs(session, key, reply))
             return frame

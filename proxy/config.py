@@ -227,6 +227,7 @@ class Settings:
     keys: tuple[KeySource, ...] = ()
     rules: tuple[Rule, ...] = ()
     on_decrypt_error: OnDecryptError = "error"
+    decrypt_cache_entries: int = 10000
     scripts: tuple[Script, ...] = ()
     script_policy: ScriptPolicy = "passthrough"
     warnings: tuple[str, ...] = ()
@@ -598,6 +599,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("admin_password", _to_secret),
     _Option("client_password", _to_secret),
     _Option("on_decrypt_error", _to_choice("error", "raw")),
+    _Option("decrypt_cache_entries", _to_count(0)),
     _Option("script_policy", _to_choice("passthrough", "refuse")),
     _Option("tls_cert_file", _to_optional_str, path=True),
     _Option("tls_key_file", _to_optional_str, path=True),
@@ -1382,7 +1384,7 @@ def build_keyring(
         seen[key.kid] = source
         keys.append(key)
     try:
-        return KeyRing(keys)
+        return KeyRing(keys, decrypt_cache_entries=settings.decrypt_cache_entries)
     except ValueError as exc:
         raise ConfigError(f"{settings.config_path or 'keys'}: {exc}") from None
 
@@ -1451,6 +1453,15 @@ def explain(settings: Settings) -> str:
         "raw": "return the stored bytes unchanged",
     }[settings.on_decrypt_error]
     add(f"on decrypt error:  {settings.on_decrypt_error} ({on_error})")
+    cache = settings.decrypt_cache_entries
+    add(
+        "decrypt cache:     "
+        + (
+            f"up to {cache} recently read plaintexts kept in memory"
+            if cache
+            else "off (every read is decrypted)"
+        )
+    )
     add("key ring:")
     if not settings.keys:
         add(f"  no key configured (set {SECRET_ENV} or keys:)")

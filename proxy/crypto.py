@@ -13,13 +13,16 @@ import hmac
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
+    "DECRYPT_CACHE_MAX_BYTES",
+    "DECRYPT_CACHE_MAX_VALUE",
     "HEADER_PREFIX",
     "DecryptError",
     "Key",
@@ -54,6 +57,12 @@ _SCRYPT_MAXMEM: Final = 64 * 1024 * 1024  # scrypt needs 128 * r * n = 32 MiB
 
 _KID_LABEL: Final = b"fieldcrypt/key-id/v1"
 
+# The decrypt cache (KeyRing's decrypt_cache_entries): plaintexts longer than this are
+# not cached, and the cache holds at most this many bytes of values, names and
+# plaintexts all told, whatever its entry count.
+DECRYPT_CACHE_MAX_VALUE: Final = 4096
+DECRYPT_CACHE_MAX_BYTES: Final = 32 * 1024 * 1024
+
 REASON_UNKNOWN_KID: Final = "no key in the ring has id {kid}"
 REASON_AUTHENTICATION: Final = (
     "authentication failed (wrong key, tampered value, or value moved from another field or key)"
@@ -64,11 +73,18 @@ REASON_VERSION: Final = "unsupported format version"
 _HEADER_LENGTH: Final = len(HEADER_PREFIX) + 1 + 1 + KID_LENGTH + 1  # 19
 _MIN_PAYLOAD_CHARS: Final = 38  # unpadded base64 of nonce + tag = 28 bytes
 _HEADER = re.compile(rb"\$fc1\$([fk])\$([A-Za-z0-9_-]{11})\$")
+_MODE_OFFSET: Final = len(HEADER_PREFIX)  # 5
+_KID_OFFSET: Final = _MODE_OFFSET + 2  # 7
+_DOLLAR: Final = 0x24
+_MODE_BYTES: Final = frozenset(MODE_FIELD + MODE_KEY)
+_MODE_FIELD_BYTE: Final = MODE_FIELD[0]
 _OTHER_VERSION = re.compile(rb"\$fc[0-9]+\$")
 _U32 = struct.Struct(">I")
 # urlsafe -> standard alphabet; characters of the standard alphabet and "=" become "*",
 # which strict base64 decoding rejects.
 _URLSAFE_TO_STD: Final = bytes.maketrans(b"-_+/=", b"+/***")
+_STD_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_PADDING: Final = (b"", b"===", b"==", b"=")  # by len(payload) % 4
 # The last character of unpadded base64 must carry no stray low bits, so that each
 # stored value has exactly one spelling.
 _CANONICAL_LAST: Final = {
@@ -216,17 +232,36 @@ class Key:
 
 
 class KeyRing:
-    """Keys that decrypt, the first non-decrypt-only one of which (the primary) encrypts."""
+    """Keys that decrypt, the first non-decrypt-only one of which (the primary) encrypts.
 
-    __slots__ = ("_by_kid", "keys", "primary")
+    With ``decrypt_cache_entries`` above 0 it remembers the plaintexts of up to that
+    many envelopes it has opened (see `decrypt`); the cache lives and dies with the
+    ring, so a ring built without a key never answers from what that key opened.
+    """
+
+    __slots__ = (
+        "_by_kid",
+        "_cache",
+        "_cache_bytes",
+        "_cache_entries",
+        "cached",
+        "keys",
+        "primary",
+    )
 
     keys: tuple[Key, ...]
     primary: Key | None
+    cached: Callable[[tuple[bytes, bytes, bytes]], bytes | None] | None
+    """The decrypt cache's lookup, for loops over many values (None when it is off):
+    given (stored value, field, key name), the plaintext `decrypt` returned for them
+    before, or None. Only values that AES-GCM authenticated are ever in it."""
 
-    def __init__(self, keys: Sequence[Key]) -> None:
+    def __init__(self, keys: Sequence[Key], decrypt_cache_entries: int = 0) -> None:
         self.keys = tuple(keys)
         if not self.keys:
             raise ValueError("a key ring needs at least one key")
+        if decrypt_cache_entries < 0:
+            raise ValueError("decrypt_cache_entries must be 0 (off) or more")
         self._by_kid: dict[bytes, Key] = {}
         for position, key in enumerate(self.keys):
             kid = key.kid.encode("ascii")
@@ -238,9 +273,28 @@ class KeyRing:
                 )
             self._by_kid[kid] = key
         self.primary = next((key for key in self.keys if not key.decrypt_only), None)
+        # (stored value, field, key name) -> plaintext, oldest first. The stored value
+        # holds the header (mode and key id), nonce, ciphertext and tag, so the triple
+        # fixes the key and everything the associated data is made of: a hit returns
+        # exactly what a fresh decrypt of the same bytes returns.
+        self._cache: OrderedDict[tuple[bytes, bytes, bytes], bytes] | None = (
+            OrderedDict() if decrypt_cache_entries else None
+        )
+        self._cache_entries = decrypt_cache_entries
+        self.cached = self._cache.get if self._cache is not None else None
+        self._cache_bytes = 0
 
     def __repr__(self) -> str:
         return f"KeyRing({list(self.keys)!r})"
+
+    @property
+    def decrypt_cache_entries(self) -> int:
+        """The decrypt cache's bound on entries; 0 when it is off."""
+        return self._cache_entries
+
+    def cached_count(self) -> int:
+        """How many plaintexts the decrypt cache holds now."""
+        return 0 if self._cache is None else len(self._cache)
 
     def encrypt(self, plaintext: bytes, field: bytes, key: bytes | None = None) -> bytes:
         """Seal a value of hash ``field`` under the primary key; with ``key`` (the Redis
@@ -250,7 +304,8 @@ class KeyRing:
     def _encrypt_with_nonce(
         self, plaintext: bytes, field: bytes, key: bytes | None, nonce: bytes
     ) -> bytes:
-        # Tests and the documented vectors only: a nonce must never repeat under a key.
+        # Called directly by tests and the documented vectors only: a nonce must never
+        # repeat under a key.
         primary = self.primary
         if primary is None:
             raise RuntimeError(
@@ -264,30 +319,80 @@ class KeyRing:
             header = primary._header_key
             aad = header + _U32.pack(len(field)) + field + _U32.pack(len(key)) + key
         sealed = primary._aead.encrypt(nonce, plaintext, aad)
-        return header + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=")
+        encoded = binascii.b2a_base64(nonce + sealed, newline=False)
+        return header + encoded.translate(_STD_TO_URLSAFE).rstrip(b"=")
 
     def decrypt(self, value: bytes, field: bytes, key: bytes) -> bytes:
         """Open a stored value of hash ``field`` in Redis key ``key`` (the key name counts
-        only for mode k envelopes). Raises DecryptError."""
+        only for mode k envelopes). Raises DecryptError.
+
+        With the decrypt cache on, a value this ring has opened before for the same
+        field and key name is answered from the cache; a value enters it only once
+        AES-GCM has authenticated it, and failures are never cached."""
+        cache = self._cache
+        if cache is not None:
+            cache_key = (value, field, key)
+            try:
+                plain = cache.get(cache_key)
+            except TypeError:  # a bytearray or memoryview: not hashable, not cached
+                cache = None
+            else:
+                if plain is not None:
+                    return plain
+        # The common case by hand; anything unusual goes to _open_checked for its reason.
+        ring_key = (
+            self._by_kid.get(value[_KID_OFFSET : _HEADER_LENGTH - 1])
+            if len(value) > _HEADER_LENGTH
+            and value[_HEADER_LENGTH - 1] == _DOLLAR
+            and value[_MODE_OFFSET + 1] == _DOLLAR
+            and value[_MODE_OFFSET] in _MODE_BYTES
+            and value.startswith(HEADER_PREFIX)
+            else None
+        )
+        if ring_key is None:
+            ring_key = self._open_checked(value, field)
+        sealed = _decode_payload(value, field)
+        if value[_MODE_OFFSET] == _MODE_FIELD_BYTE:
+            aad = b"%b%b%b" % (value[:_HEADER_LENGTH], _U32.pack(len(field)), field)
+        else:
+            aad = b"%b%b%b%b%b" % (
+                value[:_HEADER_LENGTH],
+                _U32.pack(len(field)),
+                field,
+                _U32.pack(len(key)),
+                key,
+            )
+        view = memoryview(sealed)
+        try:
+            plain = ring_key._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise DecryptError(REASON_AUTHENTICATION, field) from None
+        if cache is not None and len(plain) <= DECRYPT_CACHE_MAX_VALUE:
+            self._remember(cache_key, plain)
+        return plain
+
+    def _open_checked(self, value: bytes, field: bytes) -> Key:
+        """The ring key for an envelope's header; raises DecryptError saying what is wrong."""
         header = _HEADER.match(value)
         if header is None:
             if _OTHER_VERSION.match(value) and not value.startswith(HEADER_PREFIX):
                 raise DecryptError(REASON_VERSION, field)
             raise DecryptError(REASON_MALFORMED, field)
-        mode, kid = header.groups()
+        kid = header.group(2)
         ring_key = self._by_kid.get(kid)
         if ring_key is None:
             raise DecryptError(REASON_UNKNOWN_KID.format(kid=kid.decode("ascii")), field)
-        sealed = _decode_payload(value, field)
-        if mode == MODE_FIELD:
-            aad = value[:_HEADER_LENGTH] + _U32.pack(len(field)) + field
-        else:
-            aad = value[:_HEADER_LENGTH] + _U32.pack(len(field)) + field + _U32.pack(len(key)) + key
-        view = memoryview(sealed)
-        try:
-            return ring_key._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
-        except InvalidTag:
-            raise DecryptError(REASON_AUTHENTICATION, field) from None
+        return ring_key
+
+    def _remember(self, cache_key: tuple[bytes, bytes, bytes], plain: bytes) -> None:
+        cache = self._cache
+        assert cache is not None
+        value, field, key = cache_key
+        self._cache_bytes += len(value) + len(field) + len(key) + len(plain)
+        cache[cache_key] = plain
+        while len(cache) > self._cache_entries or self._cache_bytes > DECRYPT_CACHE_MAX_BYTES:
+            (old_value, old_field, old_key), old_plain = cache.popitem(last=False)
+            self._cache_bytes -= len(old_value) + len(old_field) + len(old_key) + len(old_plain)
 
     @staticmethod
     def kid_of(value: bytes) -> str | None:
@@ -309,7 +414,7 @@ def _decode_payload(value: bytes, field: bytes) -> bytes:
         raise DecryptError(REASON_MALFORMED, field)
     if tail and payload[-1] not in _CANONICAL_LAST[tail]:
         raise DecryptError(REASON_MALFORMED, field)
-    padded = payload.translate(_URLSAFE_TO_STD) + b"=" * (4 - tail if tail else 0)
+    padded = payload.translate(_URLSAFE_TO_STD) + _PADDING[tail]
     try:
         return binascii.a2b_base64(padded, strict_mode=True)
     except binascii.Error:
