@@ -27,12 +27,15 @@ import hiredis
 from proxy import resp
 from proxy.commands import FieldCrypt, display_name
 from proxy.config import Script
-from proxy.crypto import HEADER_PREFIX, DecryptError
+from proxy.crypto import HEADER_PREFIX, MODE_KEY, DecryptError
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
 
 MAX_LEARNED: Final = 10_000  # script bodies remembered; a bound, not a working limit
+MAX_DECISIONS: Final = 1024  # calls of undeclared scripts remembered
+MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out every time
+MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -122,12 +125,28 @@ def declared_positions(script: Script, argc: int) -> list[tuple[int, int]]:
         offset += stride
 
 
+class _Decision:
+    """What a repeated call of an undeclared script comes to: its outcome, and the
+    protected key to record it under (None when it names none)."""
+
+    __slots__ = ("ident", "outcome", "record")
+
+    def __init__(self, outcome: Outcome, ident: str, record: bytes | None) -> None:
+        self.outcome = outcome
+        self.ident = ident
+        self.record = record
+
+
 class Scripts:
     def __init__(self, crypt: FieldCrypt, book: ScriptBook, policy: str) -> None:
         self.crypt = crypt
         self.book = book
         self.refuse = policy == "refuse"
         self.rules = crypt.rules
+        # (db, command, body/SHA1/function, numkeys, *KEYS) -> its decision, for calls
+        # of undeclared scripts: these depend on nothing else (the book only grows, and
+        # a learned declaration clears them), so a repeated call is one lookup.
+        self.decisions: dict[tuple[int | bytes, ...], _Decision] = {}
 
     def handlers(self) -> dict[bytes, Handler]:
         handlers: dict[bytes, Handler] = dict.fromkeys(SCRIPT_COMMANDS, self.call)
@@ -142,19 +161,36 @@ class Scripts:
 
     def _learn(self, body: bytes) -> str:
         sha1 = hashlib.sha1(body).hexdigest()
-        if sha1 not in self.book.bodies and len(self.book.bodies) < MAX_LEARNED:
-            self.book.learn(sha1, body.strip())
+        book = self.book
+        if sha1 not in book.bodies and len(book.bodies) < MAX_LEARNED:
+            declared = len(book.by_sha1)
+            book.learn(sha1, body.strip())
+            if len(book.by_sha1) != declared:  # a body file's SHA1 as a client spells it
+                self.decisions.clear()
         return sha1
 
     def call(self, session: Session, args: list[bytes]) -> Outcome:
         if len(args) < 3:
             return None
         try:
-            numkeys = int(args[2])
+            argv_at = 3 + int(args[2])
         except ValueError:
             return None
-        if numkeys < 0 or 3 + numkeys > len(args):
+        if argv_at < 3 or argv_at > len(args):
             return None
+        decision = (
+            self.decisions.get((session.db, *args[:argv_at]))
+            if len(args[1]) <= MAX_DECIDED_BYTES  # a long EVAL body is never remembered
+            else None
+        )
+        if decision is None:
+            return self._decide(session, args, argv_at)
+        if decision.record is not None:
+            self.book.record(decision.ident, decision.record)
+        return decision.outcome
+
+    def _decide(self, session: Session, args: list[bytes], argv_at: int) -> Outcome:
+        """A call's outcome, worked out in full; remembered for undeclared scripts."""
         kind = SCRIPT_COMMANDS[args[0].upper()]
         if kind == "body":
             sha1 = self._learn(args[1])
@@ -168,43 +204,52 @@ class Scripts:
             function = args[1].decode("utf-8", "replace")
             ident = f"function {function}"
             script = self.book.by_function.get(function)
-        keys = args[3 : 3 + numkeys]
-        argv_at = 3 + numkeys
-        request: bytes | None = None
-        read_only = args[0].upper().endswith(b"_RO")  # Redis lets these write nothing
-        if script is not None:
+        db = session.db
+        keys = args[3:argv_at]
+        if script is not None:  # declared: its ARGV changes what goes upstream
+            request = None
             if self._seal(session, script, keys, args, argv_at):
                 request = resp.encode_request(args)
-        elif not read_only:
-            protected = [k for k in keys if self.rules.match_key(session.db, k) is not None]
-            if protected and kind == "sha1" and self._nudge(ident[5:]):
+            return Forward(
+                request, self._reply_transform(db, script, keys, args[argv_at:]), HEADER_PREFIX
+            )
+        outcome: Outcome = Forward(None, self._reply_transform(db, None, keys, []), HEADER_PREFIX)
+        protected: list[bytes] = []
+        if not args[0].upper().endswith(b"_RO"):  # Redis lets these write nothing
+            protected = [k for k in keys if self.rules.match_key(db, k) is not None]
+        if protected:
+            if kind == "sha1" and self._nudge(sha1):
                 # This process never saw the body: NOSCRIPT makes the client send it with
                 # EVAL (as every client does after SCRIPT FLUSH), so a declaration by body
                 # file is recognised, then and on every later EVALSHA.
                 return Answer(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
-            if protected:
-                self.book.record(ident, protected[0])
-                refused = self.refuse or any(
-                    rule.refuse_scripts
-                    for key in protected
-                    for rule in self.rules.match_key(session.db, key).rules  # type: ignore[union-attr]
+            self.book.record(ident, protected[0])
+            refused = self.refuse or any(
+                rule.refuse_scripts
+                for key in protected
+                for rule in self.rules.match_key(db, key).rules  # type: ignore[union-attr]
+            )
+            if refused:
+                outcome = Answer(
+                    resp.error_reply(
+                        f"ERR fieldcrypt: script {ident} is not declared and names "
+                        f"protected key '{display_name(protected[0])}'; declare it in scripts: "
+                        "(or set script_policy: passthrough)"
+                    ),
+                    refusal=True,
                 )
-                if refused:
-                    return Answer(
-                        resp.error_reply(
-                            f"ERR fieldcrypt: script {ident} is not declared and names "
-                            f"protected key '{display_name(protected[0])}'; declare it in scripts: "
-                            "(or set script_policy: passthrough)"
-                        ),
-                        refusal=True,
-                    )
-        return Forward(
-            request,
-            self._reply_transform(session, script, keys, args[argv_at:]),
-            only_with=HEADER_PREFIX,
-        )
+        if argv_at - 3 <= MAX_DECIDED_KEYS and sum(map(len, args[1:argv_at])) <= MAX_DECIDED_BYTES:
+            decisions = self.decisions
+            if len(decisions) >= MAX_DECISIONS:
+                decisions.clear()
+            decisions[(db, *args[:argv_at])] = _Decision(
+                outcome, ident, protected[0] if protected else None
+            )
+        return outcome
 
     def _nudge(self, sha1: str) -> bool:
+        """Whether to answer NOSCRIPT; once False for a SHA1 it stays False (the book
+        only learns), which lets a decision be remembered."""
         book = self.book
         if not book.by_body or sha1 in book.bodies or sha1 in book.nudged:
             return False
@@ -232,31 +277,9 @@ class Scripts:
         return changed
 
     def _reply_transform(
-        self, session: Session, script: Script | None, keys: list[bytes], argv: list[bytes]
+        self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]
     ) -> Transform:
-        db = session.db
-
-        def transform(session: Session, frame: bytes) -> bytes:
-            if HEADER_PREFIX not in frame:
-                return frame  # the common case: nothing protected in this reply
-            opener = _Opener(
-                self.crypt, list(keys) or [b""], self._candidates(db, script, keys, argv)
-            )
-            found = _sealed_values(frame)
-            if found is None:  # not something hiredis reads: the lossless tree
-                value, _ = resp.decode(frame)
-                return resp.encode_value(opener.walk(value, None))
-            # Each ciphertext is unique (a random nonce), so its encoded bulk string
-            # occurs once: splice the plaintext in; every other byte stays as it was.
-            for stored, name in found.items():
-                plain = opener.open(stored, name)
-                frame = frame.replace(
-                    b"$%d\r\n%s\r\n" % (len(stored), stored),
-                    b"$%d\r\n%s\r\n" % (len(plain), plain),
-                )
-            return frame
-
-        return transform
+        return _ScriptReply(self, db, script, keys, argv).transform
 
     def _candidates(
         self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]
@@ -312,13 +335,98 @@ def _collect(node: Any, found: dict[bytes, bytes | None]) -> None:
         found[node] = None
 
 
-class _Opener:
-    """Walks a decoded reply, decrypting every blob that carries the header."""
+def _splice(frame: bytes, opened: dict[bytes, bytes]) -> bytes:
+    """`frame` with each bulk string `opened` names replaced by its plaintext; every
+    other byte stays as it was. One pass over the header's occurrences, one join."""
+    parts: list[bytes] = []
+    done = 0  # frame[:done] is in parts
+    at = frame.find(HEADER_PREFIX)
+    while at >= 0:
+        end = frame.find(b"\r\n", at)
+        if end < 0:
+            break
+        plain = opened.get(frame[at:end])
+        if plain is not None:
+            length = b"$%d\r\n" % (end - at)
+            start = at - len(length)
+            if start >= done and frame.startswith(length, start):
+                parts.append(frame[done:start])
+                parts.append(b"$%d\r\n%b" % (len(plain), plain))
+                done = end  # the value's CRLF stays
+                at = frame.find(HEADER_PREFIX, end)
+                continue
+        at = frame.find(HEADER_PREFIX, at + 1)
+    if not parts:
+        return frame
+    parts.append(frame[done:])
+    return b"".join(parts)
 
-    def __init__(self, crypt: FieldCrypt, keys: list[bytes], fields: list[bytes]) -> None:
-        self.crypt = crypt
-        self.keys = keys
-        self.fields = fields
+
+class _ScriptReply:
+    """What the replies of one script call go through: every value carrying the header
+    is opened, under the name its shape gives, else a candidate field name."""
+
+    __slots__ = (
+        "_fields",
+        "argv",
+        "call_keys",
+        "crypt",
+        "db",
+        "first_key",
+        "keys",
+        "script",
+        "scripts",
+    )
+
+    def __init__(
+        self,
+        scripts: Scripts,
+        db: int,
+        script: Script | None,
+        keys: list[bytes],
+        argv: list[bytes],
+    ) -> None:
+        self.scripts = scripts
+        self.crypt = scripts.crypt
+        self.db = db
+        self.script = script
+        self.call_keys = keys
+        self.keys = keys or [b""]
+        self.first_key = self.keys[:1]  # enough for an envelope not bound to its key
+        self.argv = argv
+        self._fields: list[bytes] | None = None
+
+    def transform(self, session: Session, frame: bytes) -> bytes:
+        if HEADER_PREFIX not in frame:
+            return frame  # the common case: nothing protected in this reply
+        found = _sealed_values(frame)
+        if found is None:  # not something hiredis reads: the lossless tree
+            value, _ = resp.decode(frame)
+            return resp.encode_value(self.walk(value, None))
+        # A ciphertext is unique (a random nonce): what's opened once is the same wherever
+        # it occurs. Only values read as bulk strings are replaced.
+        opened: dict[bytes, bytes] = {}
+        cached = self.crypt.keyring.cached
+        key = self.keys[0]
+        hits = 0
+        for stored, name in found.items():
+            # The decrypt cache holds only what authenticated: a hit is the answer.
+            plain = cached((stored, name, key)) if cached is not None and name is not None else None
+            if plain is None:
+                plain = self.open(stored, name)
+            else:
+                hits += 1
+            opened[stored] = plain
+        if hits:
+            self.crypt.counts["decrypted"] += hits
+        return _splice(frame, opened)
+
+    @property
+    def fields(self) -> list[bytes]:
+        """The candidate field names, worked out once, and only when a value needs them."""
+        if self._fields is None:
+            self._fields = self.scripts._candidates(self.db, self.script, self.call_keys, self.argv)
+        return self._fields
 
     def walk(self, value: resp.Value, name: bytes | None) -> resp.Value:
         if isinstance(value, resp.Blob):
@@ -334,19 +442,40 @@ class _Opener:
         return value
 
     def open(self, stored: bytes, name: bytes | None) -> bytes:
-        names = ([name] if name is not None else []) + [f for f in self.fields if f != name]
+        """The plaintext of `stored`: one field name (and, for an envelope bound to its key,
+        one key of the call) authenticates it, so the order of the guesses changes nothing
+        but their cost: the decrypt cache first, then AES for the shape's name, then for
+        the candidates."""
+        crypt = self.crypt
+        keys = self.keys if stored[5:6] == MODE_KEY else self.first_key
+        cached = crypt.keyring.cached
+        if cached is not None:
+            if name is not None:
+                for key in keys:
+                    plain = cached((stored, name, key))
+                    if plain is not None:
+                        crypt.counts["decrypted"] += 1
+                        return plain
+            for field_name in self.fields:
+                for key in keys:
+                    plain = cached((stored, field_name, key))
+                    if plain is not None:
+                        crypt.counts["decrypted"] += 1
+                        return plain
+        names = self.fields if name is None else [name, *(f for f in self.fields if f != name)]
+        keyring = crypt.keyring
         for field_name in names:
-            for key in self.keys:
+            for key in keys:
                 try:
-                    plain = self.crypt.keyring.decrypt(stored, field_name, key)
+                    plain = keyring.decrypt(stored, field_name, key)
                 except DecryptError:
                     continue
-                self.crypt.counts["decrypted"] += 1
+                crypt.counts["decrypted"] += 1
                 return plain
         shown = display_name(name) if name is not None else "?"
         try:
             # Through the common path: counts, logs and applies on_decrypt_error.
-            return self.crypt.open(None, self.keys[0], name or b"?", stored)
+            return crypt.open(None, self.keys[0], name or b"?", stored)
         except ReplyError:
             raise ReplyError(
                 f"ERR fieldcrypt: cannot decrypt a value in a script reply (field '{shown}'): "

@@ -1,0 +1,256 @@
+"""The fast paths of script calls, through a Session with no sockets: a repeated call of
+an undeclared script is answered from what the proxy decided the first time, and a script
+reply is opened through the decrypt cache and spliced; what a client, Redis and
+`FIELDCRYPT SCRIPTS` see must be what they saw before either existed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy import resp
+from proxy.app import build_state
+from proxy.config import load_settings
+from proxy.crypto import generate_key
+from proxy.scripts import MAX_DECISIONS, ScriptBook
+from proxy.server import ProxyState
+from proxy.session import Session
+
+LUA = Path(__file__).parent / "lua"
+SET_IF_MISSING_FILE = LUA / "set_if_missing.lua"
+LIST = b"return {1}"  # the body never runs here: Redis's replies are written by the tests
+LIST_SHA = hashlib.sha1(LIST).hexdigest().encode()
+PROTECTED = (b"imap", b"smtp", b"oauth2")
+
+
+class Proxy:
+    """A session of fieldcrypt built from a YAML config, fed bytes by hand."""
+
+    def __init__(self, directory: Path, **config: Any) -> None:
+        (directory / "key").write_text(generate_key() + "\n", encoding="ascii")
+        config = {
+            "keys": [{"secret_file": "key"}],
+            "rules": [{"key": "iad:*", "fields": list(map(bytes.decode, PROTECTED))}],
+            **config,
+        }
+        path = directory / "fieldcrypt.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        settings = load_settings(str(path), {}, {}, directory)
+        self.state: ProxyState = build_state(settings, "redis://127.0.0.1:1")
+        assert self.state.crypt is not None
+        self.crypt = self.state.crypt
+        self.upstream: list[bytes] = []
+        self.client: list[bytes] = []
+        self.session = Session(
+            self.state.dispatch,
+            lambda data: self.upstream.append(bytes(data)),
+            lambda data: self.client.append(bytes(data)),
+        )
+
+    @property
+    def book(self) -> ScriptBook:
+        assert self.state.scripts is not None
+        return self.state.scripts
+
+    def send(self, *args: bytes) -> bytes:
+        """What the proxy sent upstream for one request (b"" if it answered it)."""
+        self.upstream.clear()
+        self.session.client_data(resp.encode_request(list(args)))
+        return b"".join(self.upstream)
+
+    def reply(self, frame: bytes) -> bytes:
+        """What the client got for the reply `frame` (and anything answered before it)."""
+        self.session.upstream_data(frame)
+        return self.answered()
+
+    def answered(self) -> bytes:
+        """What the client got since this was last asked."""
+        got = b"".join(self.client)
+        self.client.clear()
+        return got
+
+    def calls(self, sha: bytes) -> int:
+        seen = self.book.seen.get(f"sha1 {sha.decode()}")
+        return seen.calls if seen is not None else 0
+
+    def seal(self, value: bytes, field: bytes, key: bytes | None = None) -> bytes:
+        return self.crypt.keyring.encrypt(value, field, key)
+
+
+def bulks(*items: bytes) -> bytes:
+    return b"*%d\r\n" % len(items) + b"".join(b"$%d\r\n%s\r\n" % (len(i), i) for i in items)
+
+
+def account_rows(proxy: Proxy, bound: bool = False) -> tuple[bytes, bytes]:
+    """A list-accounts reply ({3, 0, {HGETALL row, ...}}) as Redis sends it, and as the
+    client must get it."""
+    stored_rows, plain_rows = [], []
+    for number in (1, 2, 3):
+        key = b"iad:%d" % number
+        stored: list[bytes] = []
+        plain: list[bytes] = []
+        for field in (*PROTECTED, b"name"):
+            value = b"%s-secret-%d" % (field, number)
+            stored += [field, proxy.seal(value, field, key if bound else None)]
+            plain += [field, value]
+            if field == b"name":
+                stored[-1] = value
+        stored_rows.append(bulks(*stored))
+        plain_rows.append(bulks(*plain))
+    head = b"*3\r\n:3\r\n:0\r\n*3\r\n"
+    return head + b"".join(stored_rows), head + b"".join(plain_rows)
+
+
+# --- Decisions ---------------------------------------------------------------------------
+
+
+def test_a_repeated_undeclared_call_naming_a_protected_key_is_counted_every_time(
+    tmp_path: Path,
+) -> None:
+    proxy = Proxy(tmp_path)
+    request = (b"EVALSHA", LIST_SHA, b"2", b"session:1", b"iad:1", b"x")
+    for _ in range(5):
+        assert proxy.send(*request) == resp.encode_request(list(request))
+    proxy.send(b"evalsha", LIST_SHA, b"1", b"iad:2")  # another spelling, another key
+
+    assert proxy.calls(LIST_SHA) == 6
+    assert proxy.book.seen[f"sha1 {LIST_SHA.decode()}"].sample_key == "iad:1"
+
+
+def test_a_call_naming_no_protected_key_is_not_recorded_however_often(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    for _ in range(3):
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"session:1")
+        proxy.send(b"EVALSHA_RO", LIST_SHA, b"1", b"iad:1")  # read-only: never recorded
+
+    assert proxy.calls(LIST_SHA) == 0
+
+
+def test_refuse_policy_refuses_and_counts_every_repeated_call(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path, script_policy="refuse")
+    for _ in range(3):
+        assert proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1") == b""
+        refusal = proxy.answered()
+        assert refusal.startswith(b"-ERR fieldcrypt: script sha1 ")
+        assert b"protected key 'iad:1'" in refusal
+    # Only the call naming a protected key is refused, and only in the db the rule covers.
+    assert proxy.send(b"EVALSHA", LIST_SHA, b"1", b"session:1") != b""
+
+    assert proxy.calls(LIST_SHA) == 3
+
+
+def test_a_call_is_decided_again_in_another_db(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path, rules=[{"key": "iad:*", "fields": ["imap"], "db": 0}])
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+    proxy.send(b"SELECT", b"1")
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")  # no rule covers db 1
+    proxy.send(b"SELECT", b"0")
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+
+    assert proxy.calls(LIST_SHA) == 2
+
+
+def test_a_remembered_sha1_becomes_declared_once_script_load_shows_its_body(
+    tmp_path: Path,
+) -> None:
+    proxy = Proxy(
+        tmp_path,
+        scripts=[
+            {
+                "name": "set-if-missing",
+                "body_file": str(SET_IF_MISSING_FILE),
+                "hash_key": 1,
+                "field_values": [[1, 2], [3, 4]],
+            }
+        ],
+    )
+    body = b"\n" + SET_IF_MISSING_FILE.read_bytes().strip() + b"\n\n"  # another SHA1
+    sha = hashlib.sha1(body).hexdigest().encode()
+    call = (b"EVALSHA", sha, b"1", b"iad:5", b"imap", b"imap-5", b"imapSetBy", b"me")
+
+    assert proxy.send(*call) == b""  # never seen: NOSCRIPT, once
+    assert proxy.answered().startswith(b"-NOSCRIPT")
+    for _ in range(2):  # undeclared, forwarded as it is, and remembered so
+        assert proxy.send(*call) == resp.encode_request(list(call))
+    proxy.send(b"SCRIPT", b"LOAD", body)
+    sent = proxy.send(*call)
+
+    assert proxy.calls(sha) == 2
+    assert b"imap-5" not in sent and b"$fc1$" in sent  # declared now: sealed
+    assert b"imapSetBy" in sent and b"me" in sent
+
+
+def test_decisions_stay_bounded(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    for number in range(MAX_DECISIONS + 10):
+        proxy.send(b"EVALSHA", b"%040x" % number, b"1", b"session:1")
+    scripts = proxy.state.dispatch[b"EVALSHA"].__self__  # type: ignore[attr-defined]
+
+    assert 0 < len(scripts.decisions) <= MAX_DECISIONS
+
+
+# --- Replies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["field-bound", "key-bound"])
+def test_list_accounts_rows_are_opened_every_time_and_counted_exactly(
+    tmp_path: Path, bound: bool
+) -> None:
+    rules = [{"key": "iad:*", "fields": list(map(bytes.decode, PROTECTED)), "bind_key": bound}]
+    proxy = Proxy(tmp_path, rules=rules)
+    stored, plain = account_rows(proxy, bound)
+    for round_number in (1, 2, 3):
+        proxy.send(b"EVALSHA", LIST_SHA, b"3", b"iad:1", b"iad:2", b"iad:3")
+        assert proxy.reply(stored) == plain
+        assert proxy.crypt.counts["decrypted"] == 9 * round_number
+    assert not proxy.crypt.failures
+
+
+def test_a_ciphertext_twice_in_a_reply_is_opened_in_both_places_and_counted_once(
+    tmp_path: Path,
+) -> None:
+    proxy = Proxy(tmp_path)
+    sealed = proxy.seal(b"imap-secret", b"imap")
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+
+    got = proxy.reply(b"*2\r\n" + bulks(b"imap", sealed) + bulks(b"imap", sealed))
+
+    assert got == b"*2\r\n" + bulks(b"imap", b"imap-secret") * 2
+    assert proxy.crypt.counts["decrypted"] == 1
+
+
+def test_a_ciphertext_inside_another_value_stays_as_it_is(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    sealed = proxy.seal(b"imap-secret", b"imap")
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+
+    got = proxy.reply(bulks(b"imap", sealed, b"note", b"copy:" + sealed))
+
+    assert got == bulks(b"imap", b"imap-secret", b"note", b"copy:" + sealed)
+
+
+def test_a_value_the_shape_misnames_is_opened_under_a_candidate_field(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    smtp = proxy.seal(b"smtp-secret", b"smtp")
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+
+    for _ in range(2):  # the second time, from the decrypt cache
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+        got = proxy.reply(bulks(b"imap", smtp))
+        assert got == bulks(b"imap", b"smtp-secret")
+
+
+def test_a_value_that_opens_under_no_name_is_an_error_every_time(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    other = proxy.seal(b"elsewhere", b"password")  # a field no rule of iad:* names
+
+    for _ in range(2):
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+        got = proxy.reply(bulks(b"imap", other))
+        assert got.startswith(b"-ERR fieldcrypt: cannot decrypt a value in a script reply")
+        assert b"elsewhere" not in got
