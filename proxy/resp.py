@@ -605,6 +605,7 @@ class ReplyReader:
         if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
             self.buffer = data
             self.pos = self._scan = self._need = 0
+            self._counter = None  # (hiredis never holds bytes before `pos`)
             return
         if type(self.buffer) is not bytearray:
             self.buffer = bytearray(self.buffer)
@@ -637,6 +638,7 @@ class ReplyReader:
         partial = counter.has_data()
         if not partial and at_value_end(counter):  # the buffer ends at a reply's end
             self._counter = None
+            self._ahead = 0
             self._spare = counter  # empty, so it can count the next run
             self.pos = self._scan = len(self.buffer)
             self._need = 0
@@ -650,6 +652,48 @@ class ReplyReader:
         if done == limit or len(self.buffer) - self.pos > COUNT_WINDOW:
             self._settle()
         return done
+
+    def next_resp2(self) -> int:
+        """`next()` for RESP2 streams: hiredis reads the value in C and its end follows
+        from what it read (RESP2 is written in one canonical way). Where that is not
+        certain (an array: `+x` and `$1 x` read the same), a second hiredis pass over
+        exactly those bytes must find exactly one value; anything else, and any type
+        RESP2 does not have, goes to the Python framer."""
+        counter = self._counter
+        if counter is not None and self._ahead:
+            self._settle()
+            counter = None
+        buf = self.buffer
+        pos = self.pos
+        if counter is None:
+            if pos >= len(buf) or self._stack or self._scan > pos or self._need > len(buf):
+                return self.next()
+            counter = self._counter = self._spare or hiredis.Reader()
+            self._spare = None
+            self._ahead = 0
+            counter.feed(buf if pos == 0 else buf[pos:])  # type: ignore[arg-type]  # any buffer
+        try:
+            value = counter.gets()
+        except hiredis.ProtocolError:
+            value = None
+            end = -1
+        else:
+            if value is False:  # not all here yet: hiredis keeps what it has read
+                if len(buf) - pos > COUNT_WINDOW:
+                    self._settle()
+                    return self.next()
+                return -1
+            end = _resp2_end(buf, pos, value)
+        if end < 0:
+            self._counter = None  # the Python framer reads it
+            self._scan = pos
+            self._stack = []
+            self._need = 0
+            return self.next()
+        if end == len(buf):  # hiredis has read it all
+            self._counter = None
+            self._spare = counter
+        return end
 
     def _settle(self) -> None:
         """Leave counting: move `pos` past the replies hiredis counted."""
@@ -779,6 +823,76 @@ class ReplyReader:
 
 
 COUNT_WINDOW: Final = 1024 * 1024  # most bytes `count` holds back before it settles
+
+
+def _resp2_end(buf: bytes | bytearray, pos: int, value: Any) -> int:
+    """Where the RESP2 value hiredis read as `value` from `buf[pos:]` ends, or -1 when
+    that is not certain."""
+    kind = buf[pos]
+    if type(value) is bytes:
+        n = len(value)
+        if kind == 36:  # '$'
+            end = pos + n + (_DIGITS[n] if n < 65536 else len(str(n))) + 5
+        elif kind == 43:  # '+'
+            end = pos + n + 3
+        else:
+            return -1
+    elif value is None and (kind == 36 or kind == 42):  # $-1 or *-1
+        end = pos + 5
+    elif type(value) is int and kind == 58:  # ':'
+        end = pos + len(str(value)) + 3
+    elif type(value) is list and kind == 42:  # '*': checked by a second pass
+        size = _array_size(value)
+        end = pos + size if size else -1
+        if end < 0 or end > len(buf) or not _one_value(buf[pos:end]):
+            return -1
+        return end
+    else:
+        return -1  # an error reply, or a type RESP2 does not have
+    if end > len(buf) or buf[end - 2 : end] != CRLF:
+        return -1
+    return end
+
+
+def _array_size(items: list[Any]) -> int | None:
+    """The size of `items` as a RESP2 array, taking every string for a bulk string."""
+    count = len(items)
+    size = 3 + (_DIGITS[count] if count < 65536 else len(str(count)))
+    if _ONLY_BYTES.issuperset(map(type, items)):  # most often: counted in C
+        lengths = list(map(len, items))
+        try:
+            return size + sum(lengths) + 5 * count + sum(map(_DIGITS.__getitem__, lengths))
+        except IndexError:  # a string of 64 KiB or more
+            pass
+    for item in items:
+        if type(item) is bytes:
+            n = len(item)
+            size += n + len(str(n)) + 5
+        elif item is None:
+            size += 5
+        elif type(item) is int:
+            size += len(str(item)) + 3
+        elif type(item) is list:
+            inner = _array_size(item)
+            if inner is None:
+                return None
+            size += inner
+        else:
+            return None
+    return size
+
+
+_ONLY_BYTES: Final = frozenset({bytes})
+
+
+def _one_value(frame: bytes | bytearray) -> bool:
+    """Whether hiredis reads `frame` as exactly one value."""
+    reader = hiredis.Reader()
+    reader.feed(frame)  # type: ignore[arg-type]  # any buffer
+    try:
+        return reader.gets() is not False and at_value_end(reader)
+    except hiredis.ProtocolError:
+        return False
 
 
 def _skip_bulks(buf: bytes | bytearray, pos: int, count: int, size: int) -> tuple[int, int]:

@@ -711,7 +711,7 @@ class Session:
                         continue
                     if reader.counting:
                         break  # hiredis holds part of the next reply
-            end = reader.next()
+            end = reader.next() if self.resp3 else reader.next_resp2()
             if end < 0:
                 break
             start = reader.pos

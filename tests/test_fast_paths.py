@@ -7,11 +7,13 @@ a value, between an aggregate's elements, or on a lone type byte."""
 from __future__ import annotations
 
 import itertools
+import re
 
+import hiredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.resp import encode_request
+from proxy.resp import _resp2_end, encode_request
 from proxy.session import Forward, Outcome, Session, base_dispatch
 from tests.test_resp import BINARY, INLINE_WORD, LINE, SKIPPED, blob, split_points
 
@@ -156,3 +158,20 @@ def test_a_read_ending_on_a_lone_type_byte_is_counted_once_the_reply_is_whole() 
     session.upstream_data(b"$1\r\nb\r\n")
     assert b"".join(client) == b"$1\r\nx\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n"
     assert not session.pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply=RESP2_VALUES, after=st.sampled_from([b"", b"+OK\r\n", b"*1\r\n$1\r\nx\r\n"]))
+def test_a_reply_end_worked_out_from_what_hiredis_read_is_exact_or_not_given(
+    reply: bytes, after: bytes
+) -> None:
+    # The end is given only when certain: never a wrong one, and always for the replies
+    # Redis sends most (bulk strings and arrays of them, integers, nulls). Status and
+    # error lines inside an array go to the Python framer.
+    buf = b"+before\r\n" + reply + after
+    reader = hiredis.Reader()
+    reader.feed(reply)
+    end = _resp2_end(buf, 9, reader.gets())
+    assert end in (-1, 9 + len(reply))
+    if not re.search(rb"(^|\n)[-+]", reply):  # no status or error line anywhere
+        assert end == 9 + len(reply)
