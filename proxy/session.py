@@ -397,7 +397,6 @@ class Session:
                 reader.compact()
                 return
         buf = reader.buffer
-        pending = self.pending
         count = plain
         out: list[bytes | bytearray] = []  # what goes upstream, in order
         if plain:
@@ -420,14 +419,7 @@ class Session:
                 elif len(counts) < MAX_COUNTED_NAMES:
                     counts[name] = 1
                 if not self._slow and name not in dispatch and not reader.inline:
-                    self._sample -= 1
-                    if self._sample == 0:
-                        self._sample = SAMPLE_EVERY
-                        pending.append(TimedRun(1))
-                    elif pending and type(pending[-1]) is int:
-                        pending[-1] += 1
-                    else:
-                        pending.append(1)
+                    self._expect_plain(1)
                     continue
                 replacement = self._dispatch(name, args, reader.inline)
                 if replacement is not None:  # the request's own bytes don't go upstream
@@ -499,17 +491,15 @@ class Session:
 
     def _expect_plain(self, n: int) -> None:
         """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed
-        (with those sent along with it)."""
-        self._sample -= n
-        if self._sample <= 0:
-            self._sample = SAMPLE_EVERY
-            self.pending.append(TimedRun(n))
-        else:
-            self._pending_tail_int(n)
-
-    def _pending_tail_int(self, n: int) -> None:
+        (with those sent along with it), unless many replies are still due: its time
+        would be the queue's, and a client that never reads would grow the queue by
+        an entry per sample instead of one count."""
         pending = self.pending
-        if pending and type(pending[-1]) is int:
+        self._sample -= n
+        if self._sample <= 0 and len(pending) < SAMPLE_QUEUE_LIMIT:
+            self._sample = SAMPLE_EVERY
+            pending.append(TimedRun(n))
+        elif pending and type(pending[-1]) is int:
             pending[-1] += n
         else:
             pending.append(n)
@@ -845,6 +835,7 @@ class Session:
 
 
 SAMPLE_EVERY: Final = 16  # one request in this many is timed for the latency histogram
+SAMPLE_QUEUE_LIMIT: Final = 16  # none is timed while this many replies or runs are due
 MAX_COUNTED_NAMES: Final = resp.MAX_COUNTED_NAMES
 OPEN_COMMANDS: Final = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})  # allowed before AUTH
 
