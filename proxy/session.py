@@ -685,7 +685,17 @@ class Session:
                     break  # a deferred reply holds the rest back, in order
             if pending and not self.monitoring:
                 due = pending[0]
-                n = due if type(due) is int else due.remaining if type(due) is TimedRun else 0
+                if type(due) is int:
+                    n = due
+                elif type(due) is TimedRun:
+                    n = due.remaining
+                else:  # a transform with nothing to do in what is here passes like a plain reply
+                    n = int(
+                        type(due) is TransformEntry
+                        and due.only_with is not None
+                        and len(buf) - reader.pos <= MARKER_SCAN
+                        and buf.find(due.only_with, reader.pos) < 0
+                    )
                 if n:  # replies that pass untouched
                     # In RESP2 outside pub/sub every value is a reply: hiredis counts them.
                     resp2 = not self.resp3 and not self.pubsub
@@ -694,7 +704,7 @@ class Session:
                         if type(due) is TimedRun:
                             if due.passed(self, done):
                                 pending.popleft()
-                        elif done == n:
+                        elif done == n or type(due) is not int:
                             pending.popleft()
                         else:
                             pending[0] = n - done
@@ -835,6 +845,7 @@ class Session:
 
 
 SAMPLE_EVERY: Final = 16  # one request in this many is timed for the latency histogram
+MARKER_SCAN: Final = 64 * 1024  # most bytes searched at once for a transform's marker
 SAMPLE_QUEUE_LIMIT: Final = 16  # none is timed while this many replies or runs are due
 MAX_COUNTED_NAMES: Final = resp.MAX_COUNTED_NAMES
 OPEN_COMMANDS: Final = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})  # allowed before AUTH

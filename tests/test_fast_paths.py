@@ -17,6 +17,7 @@ from proxy.resp import _resp2_end, encode_request
 from proxy.session import Forward, Outcome, Session, base_dispatch
 from tests.test_resp import BINARY, INLINE_WORD, LINE, SKIPPED, blob, split_points
 
+NEEDLE = b"$fc1$"  # what XMARK's transform waits for (as scripts wait for the header)
 # Values that look like RESP, so a wrong guess about where a request ends shows.
 RESPISH = st.sampled_from(
     [
@@ -28,6 +29,7 @@ RESPISH = st.sampled_from(
         b"*1",
         b"$",
         b"*99999999\r\n",
+        NEEDLE,
     ]
 )
 VALUE = st.one_of(BINARY, RESPISH, st.tuples(BINARY, RESPISH).map(b"".join))
@@ -108,29 +110,38 @@ REWRITTEN = b"+rewritten\r\n"
 
 
 def rewriting_dispatch() -> dict[bytes, object]:
-    """XFORM's reply is rewritten (unless it is an error); every other reply passes."""
+    """XFORM's reply is rewritten, and XMARK's when it holds NEEDLE (never an error
+    reply); every other reply passes."""
 
     def xform(session: Session, args: list[bytes]) -> Outcome:
         return Forward(transform=lambda _session, _frame: REWRITTEN)
 
-    return {**base_dispatch(), b"XFORM": xform}
+    def xmark(session: Session, args: list[bytes]) -> Outcome:
+        return Forward(transform=lambda _session, _frame: REWRITTEN, only_with=NEEDLE)
+
+    return {**base_dispatch(), b"XFORM": xform, b"XMARK": xmark}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    replies=st.lists(st.tuples(st.booleans(), RESP2_VALUES), min_size=1, max_size=30),
+    replies=st.lists(
+        st.tuples(st.sampled_from([b"GET", b"XFORM", b"XMARK"]), RESP2_VALUES),
+        min_size=1,
+        max_size=30,
+    ),
     data=st.data(),
 )
 def test_replies_pass_or_are_rewritten_in_order_however_split(
-    replies: list[tuple[bool, bytes]], data: st.DataObject
+    replies: list[tuple[bytes, bytes]], data: st.DataObject
 ) -> None:
-    requests = b"".join(
-        encode_request([b"XFORM" if rewritten else b"GET", b"k"]) for rewritten, _ in replies
-    )
+    requests = b"".join(encode_request([name, b"k"]) for name, _ in replies)
     stream = b"".join(reply for _, reply in replies)
     expected = b"".join(
-        REWRITTEN if rewritten and not reply.startswith(b"-") else reply
-        for rewritten, reply in replies
+        REWRITTEN
+        if not reply.startswith(b"-")
+        and (name == b"XFORM" or (name == b"XMARK" and NEEDLE in reply))
+        else reply
+        for name, reply in replies
     )
     client: list[bytes] = []
     session = Session(
