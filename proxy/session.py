@@ -402,7 +402,7 @@ class Session:
         if plain:
             self._expect_plain(plain)
         try:
-            while True:
+            while reader.pos < len(buf):  # (a held request starts at pos)
                 if not self._slow:
                     plain = reader.take_plain(dispatch, counts)
                     if plain:
@@ -711,6 +711,8 @@ class Session:
                         continue
                     if reader.counting:
                         break  # hiredis holds part of the next reply
+            if reader.pos >= len(buf):
+                break  # all read
             end = reader.next() if self.resp3 else reader.next_resp2()
             if end < 0:
                 break
