@@ -258,18 +258,14 @@ class RequestReader:
                     # A request cut by the end of the read: the strict parser judges it as
                     # it comes in (Redis refuses some heads hiredis would wait on) and
                     # streams large ones; hiredis takes over again after it.
-                elif type(args) is list and args:
-                    size = _encoded_size(args)  # None unless every element is a bulk string
+                elif type(args) is list and args and type(args[0]) is bytes:
                     start = self.pos
-                    end = start + size if size else start
-                    buf = self.buffer
-                    if size and buf[start] == 42 and buf[end - 2 : end] == CRLF:
-                        if size > self.max_request:
-                            raise ProtocolError(TOO_LARGE)
+                    end = _checked_end(self.buffer, start, args, self.max_request)
+                    if end > 0:
                         self.pos = end
                         self.inline = False
                         return (start, end, args[0].upper(), args)
-                    args = None
+                    args = None  # too large, or not plain bulk strings: the strict parser says
                 else:
                     args = None  # an empty or null request
             self._fast = False  # from here on, until the stream drains: strict parsing
@@ -616,16 +612,9 @@ class ReplyReader:
     def count(self, limit: int) -> int:
         """Pass over up to `limit` complete replies from `pos`; returns how many.
         Only for RESP2 streams outside pub/sub, where every value is a reply."""
-        counter = self._counter
+        counter = self._counter if self._counter is not None else self._start_counter()
         if counter is None:
-            buf = self.buffer
-            pos = self.pos
-            if pos >= len(buf) or self._stack or self._scan > pos or self._need > len(buf):
-                return 0  # nothing new, or the Python framer is inside a value
-            counter = self._counter = self._spare or hiredis.Reader()
-            self._spare = None
-            counter.feed(buf if pos == 0 else buf[pos:])  # type: ignore[arg-type]  # any buffer
-            self._ahead = 0
+            return 0
         gets = counter.gets
         done = 0
         try:
@@ -653,6 +642,19 @@ class ReplyReader:
             self._settle()
         return done
 
+    def _start_counter(self) -> Any:
+        """A hiredis.Reader holding the bytes from `pos` on; None when there are none,
+        or the Python framer is inside a value."""
+        buf = self.buffer
+        pos = self.pos
+        if pos >= len(buf) or self._stack or self._scan > pos or self._need > len(buf):
+            return None
+        counter = self._counter = self._spare or hiredis.Reader()
+        self._spare = None
+        self._ahead = 0
+        counter.feed(buf if pos == 0 else buf[pos:])  # type: ignore[arg-type]  # any buffer
+        return counter
+
     def next_resp2(self) -> int:
         """`next()` for RESP2 streams: hiredis reads the value in C and its end follows
         from what it read (RESP2 is written in one canonical way). Where that is not
@@ -666,12 +668,9 @@ class ReplyReader:
         buf = self.buffer
         pos = self.pos
         if counter is None:
-            if pos >= len(buf) or self._stack or self._scan > pos or self._need > len(buf):
+            counter = self._start_counter()
+            if counter is None:
                 return self.next()
-            counter = self._counter = self._spare or hiredis.Reader()
-            self._spare = None
-            self._ahead = 0
-            counter.feed(buf if pos == 0 else buf[pos:])  # type: ignore[arg-type]  # any buffer
         try:
             value = counter.gets()
         except hiredis.ProtocolError:
