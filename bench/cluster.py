@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,27 +27,16 @@ import redis
 
 from bench.scripts import benchmark, start_proxy
 from proxy.crypto import generate_key
+from proxy.embedded import free_cluster_ports
 
 HOST = "127.0.0.1"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def cluster_ports(count: int) -> list[int]:
-    """Ports whose bus port (+10000) is free too (cluster nodes need both)."""
-    for _ in range(200):
-        base = random.randrange(15000, 22700 - count)
-        ports = list(range(base, base + count))
-        if all(_free(p) and _free(p + 10000) for p in ports):
-            return ports
-    raise SystemExit("no free block of ports for the cluster")
+    ports = free_cluster_ports(count, HOST)
+    if ports is None:
+        raise SystemExit("no free block of ports for the cluster (ports and ports+10000)")
+    return ports
 
 
 def start_cluster(directory: Path, binary: str) -> tuple[list[int], list[subprocess.Popen[bytes]]]:

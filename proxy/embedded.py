@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_cluster_ports(count: int, host: str = "127.0.0.1") -> list[int] | None:
+    """`count` consecutive free ports whose cluster bus ports (+10000) are free too, all
+    below the ephemeral range (32768) so no outgoing connection takes one meanwhile;
+    None when no such block was found."""
+    for _ in range(200):
+        base = random.randrange(15000, 22700 - count)
+        ports = list(range(base, base + count))
+        if all(_bindable(host, p) and _bindable(host, p + 10000) for p in ports):
+            return ports
+    return None
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class EmbeddedServer:

@@ -10,13 +10,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
+import yaml
 
+from proxy import resp
+from proxy.app import build_state
+from proxy.config import load_settings
+from proxy.crypto import generate_key
 from proxy.embedded import EmbeddedServer, free_port
 from proxy.server import ProxyServer, ProxyState, Target
 from proxy.session import base_dispatch
@@ -171,3 +177,86 @@ __all__ = [
     "server_binary",
     "wait_for",
 ]
+
+
+class Wire:
+    """A bare RESP connection that returns each reply's exact bytes (redis-py reshapes)."""
+
+    def __init__(self, port: int, protocol: int = 2) -> None:
+        self.sock: socket.socket = raw_connect(port)
+        self.replies = resp.ReplyReader()
+        if protocol == 3:
+            assert self.call("HELLO", "3").startswith(b"%")
+
+    def call(self, *args: str | bytes) -> bytes:
+        request = [arg.encode() if isinstance(arg, str) else arg for arg in args]
+        self.sock.sendall(resp.encode_request(request))
+        while (end := self.replies.next()) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            self.replies.feed(chunk)
+        frame = bytes(self.replies.buffer[self.replies.pos : end])
+        self.replies.pos = end
+        self.replies.compact()
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ConfiguredProxy:
+    """fieldcrypt built from a YAML file in a temporary directory by the app's own
+    wiring (so FIELDCRYPT RELOAD works), in front of a real server. Each test module
+    says what goes in the file; this keeps the proxy and the clients opened on it."""
+
+    def __init__(self, upstream: EmbeddedServer, directory: Path) -> None:
+        self.upstream_port = upstream.port
+        self.directory = directory
+        self.config_path = directory / "fieldcrypt.yaml"
+        self.key_a = generate_key()
+        self.key_b = generate_key()
+        self.direct = redis.Redis(host="127.0.0.1", port=upstream.port)
+        self.proxy: ProxyThread | None = None
+        self._clients: list[redis.Redis] = []
+
+    def key_entries(self, ring: Sequence[str], decrypt_only: Collection[str] = ()) -> list[Any]:
+        """The `keys:` of a config: each secret of `ring` in a file of its own."""
+        entries = []
+        for position, secret in enumerate(ring):
+            name = f"key-{position}"
+            (self.directory / name).write_text(secret + "\n", encoding="ascii")
+            entries.append({"secret_file": name, "decrypt_only": secret in decrypt_only})
+        return entries
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+    def start(self, config: dict[str, Any]) -> None:
+        """(Re)start the proxy with `config`."""
+        self.stop()
+        self.write_config(config)
+        settings = load_settings(str(self.config_path), {}, {}, self.directory)
+        self.proxy = ProxyThread(build_state(settings, f"redis://127.0.0.1:{self.upstream_port}"))
+
+    def client(self, protocol: int = 2, db: int = 0) -> redis.Redis:
+        assert self.proxy is not None
+        client = redis.Redis(host="127.0.0.1", port=self.proxy.port, protocol=protocol, db=db)
+        self._clients.append(client)
+        return client
+
+    def wire(self, protocol: int = 2) -> Wire:
+        assert self.proxy is not None
+        return Wire(self.proxy.port, protocol)
+
+    def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+
+    def close(self) -> None:
+        self.stop()
+        self.direct.close()

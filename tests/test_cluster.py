@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
 import signal
 import socket
@@ -29,6 +28,7 @@ from proxy import app, cluster
 from proxy.cluster_server import ClusterServer
 from proxy.config import load_settings
 from proxy.crypto import HEADER_PREFIX, generate_key
+from proxy.embedded import free_cluster_ports
 from tests.servers import server_binary, wait_for
 
 HOST = "127.0.0.1"
@@ -38,24 +38,11 @@ CREATE_OPTIONS = ("--cluster-replicas", "1", "--cluster-yes")
 # --- The cluster ---------------------------------------------------------------------------
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _cluster_ports(count: int) -> list[int]:
-    """Ports whose bus port (+10000) is free too, and below the ephemeral range (32768),
-    so that no outgoing connection can take a bus port meanwhile."""
-    for _ in range(200):
-        base = random.randrange(15000, 22700 - count)
-        ports = list(range(base, base + count))
-        if all(_free(p) and _free(p + 10000) for p in ports):
-            return ports
-    pytest.fail("no free block of ports for the cluster (ports and ports+10000)")
+    ports = free_cluster_ports(count, HOST)
+    if ports is None:
+        pytest.fail("no free block of ports for the cluster (ports and ports+10000)")
+    return ports
 
 
 class Cluster:

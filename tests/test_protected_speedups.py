@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-import yaml
 from redis.exceptions import ResponseError
 
-from proxy import app, crypto
+from proxy import crypto
 from proxy.config import ConfigError, Settings, build_keyring, explain, load_settings
 from proxy.crypto import (
     DECRYPT_CACHE_MAX_VALUE,
@@ -28,7 +26,7 @@ from proxy.crypto import (
     KeyRing,
     generate_key,
 )
-from tests.servers import EmbeddedServer, ProxyThread, raw_connect
+from tests.servers import ConfiguredProxy, EmbeddedServer, raw_connect
 
 HOST = "127.0.0.1"
 AUTH_FAILED = (
@@ -36,27 +34,13 @@ AUTH_FAILED = (
 )
 
 
-class Proxy:
-    """fieldcrypt built from a YAML file by the app's own wiring (so FIELDCRYPT RELOAD
-    works), in front of a real server."""
+class Proxy(ConfiguredProxy):
+    """fieldcrypt in front of a real server, with rules for `iad:*` and, bound to their
+    key, `vault:*`; `cache` sets decrypt_cache_entries."""
 
-    def __init__(self, upstream: EmbeddedServer, directory: Path) -> None:
-        self.upstream_port = upstream.port
-        self.directory = directory
-        self.path = directory / "fieldcrypt.yaml"
-        self.key_a = generate_key()
-        self.key_b = generate_key()
-        self.direct = redis.Redis(host=HOST, port=upstream.port)
-        self.thread: ProxyThread | None = None
-        self._clients: list[redis.Redis] = []
-
-    def write(self, *ring: str, cache: int | None = None) -> None:
-        keys = []
-        for position, secret in enumerate(ring or (self.key_a,)):
-            (self.directory / f"key-{position}").write_text(secret + "\n", encoding="ascii")
-            keys.append({"secret_file": f"key-{position}"})
+    def config(self, *ring: str, cache: int | None = None) -> dict[str, Any]:
         config: dict[str, Any] = {
-            "keys": keys,
+            "keys": self.key_entries(ring or (self.key_a,)),
             "rules": [
                 {"key": "iad:*", "fields": ["imap", "smtp"]},
                 {"key": "vault:*", "fields": ["token"], "bind_key": True},
@@ -64,53 +48,35 @@ class Proxy:
         }
         if cache is not None:
             config["decrypt_cache_entries"] = cache
-        self.path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return config
 
-    def start(self, *ring: str, cache: int | None = None) -> None:
-        self.stop()
-        self.write(*ring, cache=cache)
-        settings = load_settings(str(self.path), {}, {}, self.directory)
-        self.thread = ProxyThread(app.build_state(settings, f"redis://{HOST}:{self.upstream_port}"))
-
-    def client(self, protocol: int = 2) -> redis.Redis:
-        assert self.thread is not None
-        client = redis.Redis(host=HOST, port=self.thread.port, protocol=protocol)
-        self._clients.append(client)
-        return client
+    def restart(self, *ring: str, cache: int | None = None) -> None:
+        self.start(self.config(*ring, cache=cache))
 
     @property
     def ring(self) -> KeyRing:
-        assert self.thread is not None
-        ring: KeyRing = self.thread.state.crypt.keyring
+        assert self.proxy is not None
+        ring: KeyRing = self.proxy.state.crypt.keyring
         return ring
 
     def cached_count(self) -> int:
-        assert self.thread is not None
+        assert self.proxy is not None
         ring = self.ring
-        return self.thread.run(ring.cached_count)
+        return self.proxy.run(ring.cached_count)
 
     def counts(self) -> dict[str, int]:
-        assert self.thread is not None
-        crypt = self.thread.state.crypt
-        return self.thread.run(lambda: dict(crypt.counts))
-
-    def stop(self) -> None:
-        for client in self._clients:
-            client.close()
-        self._clients.clear()
-        if self.thread is not None:
-            self.thread.stop()
-            self.thread = None
+        assert self.proxy is not None
+        crypt = self.proxy.state.crypt
+        return self.proxy.run(lambda: dict(crypt.counts))
 
 
 @pytest.fixture
 def fc(upstream: EmbeddedServer, tmp_path: Path) -> Iterator[Proxy]:
     harness = Proxy(upstream, tmp_path)
     harness.direct.flushall()
-    harness.start()
+    harness.restart()
     yield harness
-    harness.stop()
-    harness.direct.close()
+    harness.close()
 
 
 def wire(port: int, *requests: list[bytes]) -> bytes:
@@ -174,7 +140,7 @@ def test_cached_replies_are_byte_for_byte_what_redis_would_send_for_the_plaintex
     long_value = b"x" * (DECRYPT_CACHE_MAX_VALUE + 100)  # too long to be cached
     fc.client().hset("iad:2", mapping={"imap": b"short", "smtp": long_value, "user": b"u"})
     fc.direct.hset("mirror:2", mapping={"imap": b"short", "smtp": long_value, "user": b"u"})
-    assert fc.thread is not None
+    assert fc.proxy is not None
     requests = (
         [b"HGETALL", b"KEY"],
         [b"HMGET", b"KEY", b"imap", b"nope", b"smtp"],
@@ -183,7 +149,7 @@ def test_cached_replies_are_byte_for_byte_what_redis_would_send_for_the_plaintex
     )
     for _ in range(2):  # the second time, the short value comes from the cache
         through = wire(
-            fc.thread.port, *[[a if a != b"KEY" else b"iad:2" for a in r] for r in requests]
+            fc.proxy.port, *[[a if a != b"KEY" else b"iad:2" for a in r] for r in requests]
         )
         plain = wire(
             fc.upstream_port, *[[a if a != b"KEY" else b"mirror:2" for a in r] for r in requests]
@@ -241,7 +207,7 @@ def test_a_reload_to_a_ring_without_the_old_key_refuses_values_the_cache_had_see
     assert fc.cached_count() == 2
     old_ring = fc.ring
 
-    fc.write(fc.key_b)  # key A is gone
+    fc.write_config(fc.config(fc.key_b))  # key A is gone
     assert client.execute_command("FIELDCRYPT", "RELOAD") in (b"OK", "OK", True)
     assert fc.ring is not old_ring
     assert fc.cached_count() == 0
@@ -257,7 +223,7 @@ def test_a_reload_to_a_ring_without_the_old_key_refuses_values_the_cache_had_see
 
 
 def test_decrypt_cache_entries_0_turns_the_cache_off(fc: Proxy) -> None:
-    fc.start(cache=0)
+    fc.restart(cache=0)
     client = fc.client()
     client.hset("iad:7", mapping={"imap": "imap-secret", "smtp": "smtp-secret"})
     for _ in range(3):

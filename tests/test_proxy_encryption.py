@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import re
-import socket
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,18 +20,15 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
-from proxy import app, resp
+from proxy import resp
 from proxy.commands import FieldCrypt
-from proxy.config import Settings, load_settings
-from proxy.crypto import HEADER_PREFIX, Key, KeyRing, generate_key
-from proxy.server import ProxyState
-from tests.servers import EmbeddedServer, ProxyThread, raw_connect
+from proxy.crypto import HEADER_PREFIX, Key, KeyRing
+from tests.servers import ConfiguredProxy, EmbeddedServer, Wire
 
 HOST = "127.0.0.1"
 
@@ -94,29 +90,9 @@ def envelope_length(plaintext_length: int) -> int:
     return 19 + math.ceil(4 * (28 + plaintext_length) / 3)
 
 
-def proxy_state(settings: Settings, url: str) -> ProxyState:
-    """The state the proxy serves with, built from settings as `fieldcrypt serve` does:
-    `proxy.app.build_state`, or the `Runtime` that replaces it where the app reloads."""
-    build_state = getattr(app, "build_state", None)
-    if build_state is None:
-        runtime = app.Runtime(settings, url, {})
-        return runtime.state  # type: ignore[no-any-return]
-    state: ProxyState = build_state(settings, url)
-    return state
-
-
-class Fieldcrypt:
-    """fieldcrypt configured by a YAML file in a temporary directory, in front of a real
-    server; `restart` brings it back with another key ring or other rule options."""
-
-    def __init__(self, upstream: EmbeddedServer, directory: Path) -> None:
-        self.upstream_port = upstream.port
-        self.directory = directory
-        self.key_a = generate_key()
-        self.key_b = generate_key()
-        self.direct = redis.Redis(host=HOST, port=upstream.port)
-        self.proxy: ProxyThread | None = None
-        self._clients: list[redis.Redis] = []
+class Fieldcrypt(ConfiguredProxy):
+    """fieldcrypt in front of a real server with the EmailEngine-style rules;
+    `restart` brings it back with another key ring or other rule options."""
 
     def restart(
         self,
@@ -128,49 +104,27 @@ class Fieldcrypt:
         refuse_scripts: bool = False,
     ) -> None:
         """(Re)start with the secrets of `ring` in order (default: key A alone)."""
-        self.stop()
-        keys: list[dict[str, Any]] = []
-        for position, secret in enumerate(ring or (self.key_a,)):
-            key_file = self.directory / f"key-{position}.secret"
-            key_file.write_text(secret + "\n", encoding="ascii")
-            entry: dict[str, Any] = {"secret_file": key_file.name}
-            if secret in decrypt_only:
-                entry["decrypt_only"] = True
-            keys.append(entry)
-        config = {
-            "upstream": f"redis://{HOST}:{self.upstream_port}",
-            "keys": keys,
-            "rules": [
-                {
-                    "key": "iad:*",
-                    "fields": ["imap", "smtp", "oauth2"],
-                    "bind_key": bind_key,
-                    "require_encrypted": require_encrypted,
-                    "refuse_scripts": refuse_scripts,
-                },
-                {
-                    "key": "settings",
-                    "fields": ["serviceSecret", "*ClientSecret", "smtpServerPassword"],
-                    "db": 0,
-                },
-            ],
-            "on_decrypt_error": on_decrypt_error,
-        }
-        path = self.directory / "fieldcrypt.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        settings = load_settings(str(path), {}, {}, self.directory)
-        state = proxy_state(settings, f"redis://{HOST}:{self.upstream_port}")
-        self.proxy = ProxyThread(state)
-
-    def client(self, protocol: int = 2, db: int = 0) -> redis.Redis:
-        assert self.proxy is not None
-        client = redis.Redis(host=HOST, port=self.proxy.port, protocol=protocol, db=db)
-        self._clients.append(client)
-        return client
-
-    def wire(self, protocol: int = 2) -> Wire:
-        assert self.proxy is not None
-        return Wire(self.proxy.port, protocol)
+        self.start(
+            {
+                "upstream": f"redis://{HOST}:{self.upstream_port}",
+                "keys": self.key_entries(ring or (self.key_a,), decrypt_only),
+                "rules": [
+                    {
+                        "key": "iad:*",
+                        "fields": ["imap", "smtp", "oauth2"],
+                        "bind_key": bind_key,
+                        "require_encrypted": require_encrypted,
+                        "refuse_scripts": refuse_scripts,
+                    },
+                    {
+                        "key": "settings",
+                        "fields": ["serviceSecret", "*ClientSecret", "smtpServerPassword"],
+                        "db": 0,
+                    },
+                ],
+                "on_decrypt_error": on_decrypt_error,
+            }
+        )
 
     @property
     def crypt(self) -> FieldCrypt:
@@ -183,44 +137,6 @@ class Fieldcrypt:
         assert self.proxy is not None
         crypt = self.crypt
         return self.proxy.run(lambda: (dict(crypt.counts), dict(crypt.failures)))
-
-    def stop(self) -> None:
-        for client in self._clients:
-            client.close()
-        self._clients.clear()
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
-
-    def close(self) -> None:
-        self.stop()
-        self.direct.close()
-
-
-class Wire:
-    """A bare RESP connection that returns each reply's exact bytes (redis-py reshapes)."""
-
-    def __init__(self, port: int, protocol: int = 2) -> None:
-        self.sock: socket.socket = raw_connect(port)
-        self.replies = resp.ReplyReader()
-        if protocol == 3:
-            assert self.call("HELLO", "3").startswith(b"%")
-
-    def call(self, *args: str | bytes) -> bytes:
-        request = [arg.encode() if isinstance(arg, str) else arg for arg in args]
-        self.sock.sendall(resp.encode_request(request))
-        while (end := self.replies.next()) < 0:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            self.replies.feed(chunk)
-        frame = bytes(self.replies.buffer[self.replies.pos : end])
-        self.replies.pos = end
-        self.replies.compact()
-        return frame
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

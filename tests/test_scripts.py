@@ -14,21 +14,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import socket
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import yaml
 from redis.exceptions import ResponseError
 
-from proxy import resp
-from proxy.app import build_state
-from proxy.config import load_settings
-from proxy.crypto import HEADER_PREFIX, Key, KeyRing, generate_key
-from tests.servers import EmbeddedServer, ProxyThread, raw_connect
+from proxy.crypto import HEADER_PREFIX, Key, KeyRing
+from tests.servers import ConfiguredProxy, EmbeddedServer, Wire
 
 HOST = "127.0.0.1"
 LUA = Path(__file__).parent / "lua"
@@ -79,19 +74,9 @@ SETTINGS: dict[bytes, bytes] = {
 }
 
 
-class Fieldcrypt:
-    """fieldcrypt built from a YAML file (the real loader and app wiring) in front of a
-    real server, with the test scripts declared; `restart` changes the ring or policy."""
-
-    def __init__(self, upstream: EmbeddedServer, directory: Path) -> None:
-        self.upstream_port = upstream.port
-        self.directory = directory
-        self.key_a = generate_key()
-        self.key_b = generate_key()
-        self.raw = redis.Redis(host=HOST, port=upstream.port)
-        self.proxy: ProxyThread | None = None
-        self.config_path = directory / "fieldcrypt.yaml"
-        self._clients: list[redis.Redis] = []
+class Fieldcrypt(ConfiguredProxy):
+    """fieldcrypt in front of a real server with the test scripts declared; `restart`
+    changes the ring or policy."""
 
     def restart(
         self,
@@ -100,87 +85,33 @@ class Fieldcrypt:
         script_policy: str = "passthrough",
     ) -> None:
         """(Re)start with the secrets of `ring` in order (default: key A alone)."""
-        self.stop()
-        self.write_config(ring or (self.key_a,), decrypt_only, script_policy)
-        settings = load_settings(str(self.config_path), {}, {}, self.directory)
-        self.proxy = ProxyThread(build_state(settings, f"redis://{HOST}:{self.upstream_port}"))
-
-    def write_config(
-        self, ring: Sequence[str], decrypt_only: Collection[str], script_policy: str
-    ) -> None:
-        keys: list[dict[str, Any]] = []
-        for position, secret in enumerate(ring):
-            (self.directory / f"key-{position}").write_text(secret + "\n", encoding="ascii")
-            keys.append({"secret_file": f"key-{position}", "decrypt_only": secret in decrypt_only})
-        config = {
-            "keys": keys,
-            "rules": RULES,
-            "scripts": [
-                {
-                    "name": "set-if-missing",
-                    "body_file": str(SET_IF_MISSING_FILE),
-                    "hash_key": 1,
-                    "field_values": [[1, 2], [3, 4]],
-                },
-                {
-                    "name": "fclib-set",
-                    "function": "fcset",
-                    "hash_key": 1,
-                    "field_values": [[1, 2]],
-                    "repeat": True,
-                },
-            ],
-            "script_policy": script_policy,
-        }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-
-    def client(self, protocol: int = 2) -> redis.Redis:
-        assert self.proxy is not None
-        client = redis.Redis(host=HOST, port=self.proxy.port, protocol=protocol)
-        self._clients.append(client)
-        return client
+        self.start(
+            {
+                "keys": self.key_entries(ring or (self.key_a,), decrypt_only),
+                "rules": RULES,
+                "scripts": [
+                    {
+                        "name": "set-if-missing",
+                        "body_file": str(SET_IF_MISSING_FILE),
+                        "hash_key": 1,
+                        "field_values": [[1, 2], [3, 4]],
+                    },
+                    {
+                        "name": "fclib-set",
+                        "function": "fcset",
+                        "hash_key": 1,
+                        "field_values": [[1, 2]],
+                        "repeat": True,
+                    },
+                ],
+                "script_policy": script_policy,
+            }
+        )
 
     def seen_scripts(self, client: redis.Redis) -> dict[str, dict[str, Any]]:
         """FIELDCRYPT SCRIPTS, by script ident ("sha1 <hex>" or "function <name>")."""
         rows = [plain_pairs(row) for row in client.execute_command("FIELDCRYPT", "SCRIPTS")]
         return {row["script"]: row for row in rows}
-
-    def stop(self) -> None:
-        for client in self._clients:
-            client.close()
-        self._clients.clear()
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
-
-    def close(self) -> None:
-        self.stop()
-        self.raw.close()
-
-
-class Wire:
-    """A bare RESP connection that returns each reply's exact bytes."""
-
-    def __init__(self, port: int, protocol: int) -> None:
-        self.sock: socket.socket = raw_connect(port)
-        self.replies = resp.ReplyReader()
-        if protocol == 3:
-            assert self.call(b"HELLO", b"3").startswith(b"%")
-
-    def call(self, *args: bytes) -> bytes:
-        self.sock.sendall(resp.encode_request(list(args)))
-        while (end := self.replies.next()) < 0:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            self.replies.feed(chunk)
-        frame = bytes(self.replies.buffer[self.replies.pos : end])
-        self.replies.pos = end
-        self.replies.compact()
-        return frame
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
@@ -193,8 +124,8 @@ def protocol(request: pytest.FixtureRequest) -> int:
 def fc(upstream: EmbeddedServer, tmp_path: Path) -> Iterator[Fieldcrypt]:
     """fieldcrypt with key ring [A] in front of a flushed `upstream` that has fclib loaded."""
     harness = Fieldcrypt(upstream, tmp_path)
-    harness.raw.flushall()
-    harness.raw.function_load(FCLIB.decode(), replace=True)
+    harness.direct.flushall()
+    harness.direct.function_load(FCLIB.decode(), replace=True)
     harness.restart()
     yield harness
     harness.close()
@@ -281,7 +212,7 @@ def test_list_script_rows_hold_the_plaintexts_by_eval_evalsha_pipeline_and_multi
     client = fc.client(protocol)
     seed_accounts(client)
     keys = list(ACCOUNTS)
-    assert_sealed(fc.raw, protected_of(keys[0]), fc.key_a)
+    assert_sealed(fc.direct, protected_of(keys[0]), fc.key_a)
     sha = client.script_load(LIST_ACCOUNTS)
 
     assert listing(client.eval(LIST_ACCOUNTS, 3, *keys)) == expected_listing(keys)
@@ -308,7 +239,7 @@ def test_resp3_map_returned_by_a_script_is_decrypted_alone_pipelined_and_in_mult
     seed_accounts(client)
     client.hset("settings", mapping=SETTINGS)
     glob_named = (b"settings", b"googleClientSecret")
-    assert_sealed(fc.raw, {glob_named: SETTINGS[glob_named[1]]}, fc.key_a)
+    assert_sealed(fc.direct, {glob_named: SETTINGS[glob_named[1]]}, fc.key_a)
 
     reply = client.eval(RESP3_HGETALL, 1, "iad:2")
     assert isinstance(reply, dict) == (protocol == 3)  # a map to RESP3 clients only
@@ -405,11 +336,11 @@ def test_declared_set_if_missing_script_stores_ciphertext_however_it_is_called(
         "multi": lambda how: by_pipeline(how, True),
     }
     for how, call in calls.items():
-        fc.raw.delete("settings")
+        fc.direct.delete("settings")
         assert call(how) == 1, how
         secret, origin = argv(how)[1], argv(how)[3]
         assert_sealed(
-            fc.raw,
+            fc.direct,
             {(b"settings", b"serviceSecret"): secret, (b"settings", MARKER): origin},
             fc.key_a,
         )
@@ -427,8 +358,8 @@ def test_an_unprotected_marker_is_stored_as_written(fc: Fieldcrypt, protocol: in
     )
 
     assert wrote == 1
-    assert_sealed(fc.raw, {(b"iad:7", b"oauth2"): b"token-of-7"}, fc.key_a)
-    assert fc.raw.hget("iad:7", "oauth2SetBy") == b"installer"
+    assert_sealed(fc.direct, {(b"iad:7", b"oauth2"): b"token-of-7"}, fc.key_a)
+    assert fc.direct.hget("iad:7", "oauth2SetBy") == b"installer"
     assert client.hgetall("iad:7") == {b"oauth2": b"token-of-7", b"oauth2SetBy": b"installer"}
 
 
@@ -453,9 +384,9 @@ def test_declared_function_stores_ciphertext_by_fcall_pipelined_and_in_multi(
     assert added == 6
     assert listing(listed) == expected_listing(list(ACCOUNTS))
     for key, mapping in ACCOUNTS.items():
-        assert_sealed(fc.raw, protected_of(key), fc.key_a)
+        assert_sealed(fc.direct, protected_of(key), fc.key_a)
         unprotected = {n: v for n, v in mapping.items() if n not in IAD_PROTECTED}
-        assert {n: fc.raw.hget(key, n) for n in unprotected} == unprotected
+        assert {n: fc.direct.hget(key, n) for n in unprotected} == unprotected
 
 
 def test_eval_then_evalsha_of_the_same_script_behave_the_same(
@@ -468,11 +399,11 @@ def test_eval_then_evalsha_of_the_same_script_behave_the_same(
     by_evalsha = [client.evalsha(SET_IF_MISSING_SHA, 1, "iad:11", *argv) for _ in range(2)]
 
     assert by_eval == by_evalsha == [1, 0]
-    stored = {key: fc.raw.hgetall(key) for key in (b"iad:10", b"iad:11")}
+    stored = {key: fc.direct.hgetall(key) for key in (b"iad:10", b"iad:11")}
     for key, mapping in stored.items():
         assert mapping.keys() == {b"oauth2", b"oauth2SetBy"}
         assert mapping[b"oauth2SetBy"] == b"same-installer"
-        assert_sealed(fc.raw, {(key, b"oauth2"): b"same-token"}, fc.key_a)
+        assert_sealed(fc.direct, {(key, b"oauth2"): b"same-token"}, fc.key_a)
     assert client.hgetall("iad:10") == client.hgetall("iad:11")
     assert fc.seen_scripts(client) == {}  # a declared script is not "undeclared"
 
@@ -494,7 +425,7 @@ def test_a_body_with_other_surrounding_white_space_is_matched_once_script_load_s
         == 1
     )
     assert_sealed(
-        fc.raw,
+        fc.direct,
         {(b"settings", b"serviceSecret"): b"secret 1", (b"settings", MARKER): b"origin 1"},
         fc.key_a,
     )
@@ -502,7 +433,7 @@ def test_a_body_with_other_surrounding_white_space_is_matched_once_script_load_s
     assert client.eval(padded, 1, "iad:12", "imap", "imap-12", "imapSetBy", "x") == 1
     assert client.evalsha(padded_sha, 1, "iad:13", "smtp", "smtp-13", "smtpSetBy", "y") == 1
     assert_sealed(
-        fc.raw, {(b"iad:12", b"imap"): b"imap-12", (b"iad:13", b"smtp"): b"smtp-13"}, fc.key_a
+        fc.direct, {(b"iad:12", b"imap"): b"imap-12", (b"iad:13", b"smtp"): b"smtp-13"}, fc.key_a
     )
     assert fc.seen_scripts(client) == {}
 
@@ -524,7 +455,7 @@ def test_a_sha1_learned_from_script_load_survives_a_config_reload(
 
     assert wrote == 1
     assert_sealed(
-        fc.raw,
+        fc.direct,
         {(b"settings", b"serviceSecret"): b"secret 2", (b"settings", MARKER): b"origin 2"},
         fc.key_a,
     )
@@ -560,7 +491,7 @@ def test_an_undeclared_writer_naming_a_protected_key_is_recorded_and_logged_once
     assert "iad:20" in about_it[0]
     assert not any(b"undeclared-secret" in line.encode() for line in lines)
     # passthrough: the script ran and wrote what it was given.
-    assert fc.raw.hget("iad:20", "imap") == b"undeclared-secret-1"
+    assert fc.direct.hget("iad:20", "imap") == b"undeclared-secret-1"
 
 
 def test_refuse_policy_refuses_an_undeclared_writer_naming_a_protected_key(
@@ -582,13 +513,13 @@ def test_refuse_policy_refuses_an_undeclared_writer_naming_a_protected_key(
     for refusal in refusals:  # redis-py names the queued command that EXEC aborted on
         assert f"fieldcrypt: script sha1 {UNDECLARED_WRITER_SHA} is not declared" in refusal
         assert "protected key 'iad:22'" in refusal
-    assert fc.raw.exists("iad:22", "session:2") == 0  # nothing was written, not even the HSET
+    assert fc.direct.exists("iad:22", "session:2") == 0  # nothing was written, not even the HSET
     # Unprotected keys and declared scripts still work.
     assert client.evalsha(sha, 1, "session:2", "imap", "fine") == 1
     assert client.eval(SET_IF_MISSING, 1, "iad:23", "imap", "imap-23", "imapSetBy", "x") == 1
     assert client.fcall("fcset", 1, "iad:23", "smtp", "smtp-23") == 1
     assert_sealed(
-        fc.raw, {(b"iad:23", b"imap"): b"imap-23", (b"iad:23", b"smtp"): b"smtp-23"}, fc.key_a
+        fc.direct, {(b"iad:23", b"imap"): b"imap-23", (b"iad:23", b"smtp"): b"smtp-23"}, fc.key_a
     )
     assert fc.seen_scripts(client)[f"sha1 {UNDECLARED_WRITER_SHA}"]["calls"] == 3
 
@@ -621,7 +552,7 @@ def test_script_replies_without_protected_data_pass_through_byte_identical(
     client = fc.client(protocol)
     client.hset("iad:1", mapping=ACCOUNTS[b"iad:1"])
     client.hset("iad:9", mapping={"user": "nobody", "host": "h"})
-    fc.raw.hset("session:1", mapping={"imap": "not-a-secret-here", "ttl": "3600"})
+    fc.direct.hset("session:1", mapping={"imap": "not-a-secret-here", "ttl": "3600"})
     assert fc.proxy is not None
     through, direct = Wire(fc.proxy.port, protocol), Wire(fc.upstream_port, protocol)
     try:
@@ -667,18 +598,18 @@ def test_a_mixed_pipeline_of_scripts_and_commands_keeps_its_order(
         replies[6] = as_hash(replies[6])
         return replies
 
-    fc.raw.script_load(SET_IF_MISSING)
+    fc.direct.script_load(SET_IF_MISSING)
     direct = redis.Redis(host=HOST, port=fc.upstream_port, protocol=protocol)
     try:
         expected = run(direct)
     finally:
         direct.close()
-    fc.raw.flushall()
+    fc.direct.flushall()
 
     assert run(fc.client(protocol)) == expected
-    assert_sealed(fc.raw, protected_of(b"iad:2"), fc.key_a)
+    assert_sealed(fc.direct, protected_of(b"iad:2"), fc.key_a)
     assert_sealed(
-        fc.raw,
+        fc.direct,
         {(b"settings", b"serviceSecret"): b"secret p", (b"settings", MARKER): b"origin p"},
         fc.key_a,
     )
@@ -698,7 +629,7 @@ def test_migration_rekeys_values_written_by_declared_scripts(fc: Fieldcrypt, pro
     }
     for key in ACCOUNTS:
         written.update(protected_of(key))
-    assert_sealed(fc.raw, written, fc.key_a)
+    assert_sealed(fc.direct, written, fc.key_a)
 
     fc.restart(fc.key_b, fc.key_a, decrypt_only={fc.key_a})
     client = fc.client(protocol)
@@ -707,7 +638,7 @@ def test_migration_rekeys_values_written_by_declared_scripts(fc: Fieldcrypt, pro
     final = plain_pairs(client.execute_command("MIGRATE", "WAIT", "60"))
 
     assert (final["job"], final["state"]) == (started["job"], "done"), final
-    assert_sealed(fc.raw, written, fc.key_b)
+    assert_sealed(fc.direct, written, fc.key_b)
     keys = list(ACCOUNTS)
     assert listing(client.eval(LIST_ACCOUNTS, 3, *keys)) == expected_listing(keys)
     assert client.hmget("settings", "serviceSecret", MARKER) == [b"secret m", b"origin m"]
