@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "DECRYPT_CACHE_MAX_BYTES",
+    "DECRYPT_CACHE_MAX_REPLIES",
+    "DECRYPT_CACHE_MAX_REPLY",
     "DECRYPT_CACHE_MAX_VALUE",
     "HEADER_PREFIX",
     "DecryptError",
@@ -62,6 +64,10 @@ _KID_LABEL: Final = b"fieldcrypt/key-id/v1"
 # plaintexts all told, whatever its entry count.
 DECRYPT_CACHE_MAX_VALUE: Final = 4096
 DECRYPT_CACHE_MAX_BYTES: Final = 32 * 1024 * 1024
+# Whole replies a caller derived from opened values (see `remember_reply`): at most
+# this many, each at most this big, within the same byte bound.
+DECRYPT_CACHE_MAX_REPLIES: Final = 256
+DECRYPT_CACHE_MAX_REPLY: Final = 64 * 1024
 
 REASON_UNKNOWN_KID: Final = "no key in the ring has id {kid}"
 REASON_AUTHENTICATION: Final = (
@@ -235,8 +241,9 @@ class KeyRing:
     """Keys that decrypt, the first non-decrypt-only one of which (the primary) encrypts.
 
     With ``decrypt_cache_entries`` above 0 it remembers the plaintexts of up to that
-    many envelopes it has opened (see `decrypt`); the cache lives and dies with the
-    ring, so a ring built without a key never answers from what that key opened.
+    many envelopes it has opened (see `decrypt`), and a few whole replies made of them
+    (see `remember_reply`); the cache lives and dies with the ring, so a ring built
+    without a key never answers from what that key opened.
     """
 
     __slots__ = (
@@ -244,9 +251,11 @@ class KeyRing:
         "_cache",
         "_cache_bytes",
         "_cache_entries",
+        "_replies",
         "cached",
         "keys",
         "primary",
+        "recall_reply",
     )
 
     keys: tuple[Key, ...]
@@ -255,6 +264,9 @@ class KeyRing:
     """The decrypt cache's lookup, for loops over many values (None when it is off):
     given (stored value, field, key name), the plaintext `decrypt` returned for them
     before, or None. Only values that AES-GCM authenticated are ever in it."""
+    recall_reply: Callable[[tuple[bytes, bytes]], tuple[bytes, int] | None] | None
+    """Given (reply as stored, context), what `remember_reply` was given for them: the
+    reply with its values opened, and how many were (None when the cache is off)."""
 
     def __init__(self, keys: Sequence[Key], decrypt_cache_entries: int = 0) -> None:
         self.keys = tuple(keys)
@@ -282,6 +294,11 @@ class KeyRing:
         )
         self._cache_entries = decrypt_cache_entries
         self.cached = self._cache.get if self._cache is not None else None
+        # (reply as stored, context) -> (the reply opened, values opened), oldest first.
+        self._replies: OrderedDict[tuple[bytes, bytes], tuple[bytes, int]] | None = (
+            OrderedDict() if decrypt_cache_entries else None
+        )
+        self.recall_reply = self._replies.get if self._replies is not None else None
         self._cache_bytes = 0
 
     def __repr__(self) -> str:
@@ -295,6 +312,24 @@ class KeyRing:
     def cached_count(self) -> int:
         """How many plaintexts the decrypt cache holds now."""
         return 0 if self._cache is None else len(self._cache)
+
+    def remember_reply(self, stored: bytes, context: bytes, opened: bytes, count: int) -> None:
+        """Keep `opened`, a reply made from `stored` by replacing `count` values with
+        what `decrypt` returned for them, so that the same bytes in the same context
+        (everything else the result depends on, such as the key names that opened
+        them) give it again without a parse. The caller remembers only replies whose
+        every value authenticated. Bounded like the values: at most
+        DECRYPT_CACHE_MAX_REPLIES of them, none over DECRYPT_CACHE_MAX_REPLY bytes,
+        within DECRYPT_CACHE_MAX_BYTES in all."""
+        replies = self._replies
+        if replies is None or len(stored) > DECRYPT_CACHE_MAX_REPLY:
+            return
+        cache_key = (stored, context)
+        if cache_key in replies:
+            return
+        replies[cache_key] = (opened, count)
+        self._cache_bytes += len(stored) + len(context) + len(opened)
+        self._trim()
 
     def encrypt(self, plaintext: bytes, field: bytes, key: bytes | None = None) -> bytes:
         """Seal a value of hash ``field`` under the primary key; with ``key`` (the Redis
@@ -390,6 +425,17 @@ class KeyRing:
         value, field, key = cache_key
         self._cache_bytes += len(value) + len(field) + len(key) + len(plain)
         cache[cache_key] = plain
+        self._trim()
+
+    def _trim(self) -> None:
+        """Evict, oldest first, until the bounds hold; whole replies go first."""
+        cache, replies = self._cache, self._replies
+        assert cache is not None and replies is not None
+        while replies and (
+            len(replies) > DECRYPT_CACHE_MAX_REPLIES or self._cache_bytes > DECRYPT_CACHE_MAX_BYTES
+        ):
+            (old_stored, old_context), (old_opened, _) = replies.popitem(last=False)
+            self._cache_bytes -= len(old_stored) + len(old_context) + len(old_opened)
         while len(cache) > self._cache_entries or self._cache_bytes > DECRYPT_CACHE_MAX_BYTES:
             (old_value, old_field, old_key), old_plain = cache.popitem(last=False)
             self._cache_bytes -= len(old_value) + len(old_field) + len(old_key) + len(old_plain)

@@ -297,52 +297,64 @@ class Scripts:
         return list(dict.fromkeys(candidates))
 
 
-def _sealed_values(frame: bytes) -> dict[bytes, bytes | None] | None:
+def _sealed_values(frame: bytes) -> tuple[dict[bytes, bytes | None], int] | None:
     """Every value in the reply that carries the header, with the field name its shape
-    gives (the element before it, or its map key), read by hiredis; None when hiredis
-    can't read the reply."""
+    gives (the element before it, or its map key), and how many such values there are
+    (a value may occur more than once), read by hiredis; None when hiredis can't read
+    the reply."""
     reader = hiredis.Reader()
     reader.feed(frame)
     found: dict[bytes, bytes | None] = {}
+    total = 0
     try:
         while (value := reader.gets()) is not False:  # an attribute comes as its own reply
-            _collect(value, found)
+            total += _collect(value, found)
     except (hiredis.ProtocolError, TypeError):
         return None
-    return found
+    return found, total
 
 
-def _collect(node: Any, found: dict[bytes, bytes | None]) -> None:
+def _collect(node: Any, found: dict[bytes, bytes | None]) -> int:
+    """Add the values under `node` that carry the header to `found`; returns how many."""
+    total = 0
     if type(node) is list:
         previous: bytes | None = None
         for item in node:
             if type(item) is bytes:
                 if item.startswith(HEADER_PREFIX):
                     found[item] = previous
+                    total += 1
                 previous = item
             else:
                 if type(item) is list or type(item) is dict:
-                    _collect(item, found)
+                    total += _collect(item, found)
                 previous = None
     elif type(node) is dict:
         for key, item in node.items():
             if type(item) is bytes:
                 if item.startswith(HEADER_PREFIX):
                     found[item] = key if type(key) is bytes else None
+                    total += 1
             elif type(item) is list or type(item) is dict:
-                _collect(item, found)
+                total += _collect(item, found)
     elif type(node) is bytes and node.startswith(HEADER_PREFIX):
         found[node] = None
+        total = 1
+    return total
 
 
-def _splice(frame: bytes, opened: dict[bytes, bytes]) -> bytes:
-    """`frame` with each bulk string `opened` names replaced by its plaintext; every
-    other byte stays as it was. One pass over the header's occurrences, one join."""
+def _splice(frame: bytes, opened: dict[bytes, bytes]) -> tuple[bytes, int]:
+    """`frame` with each bulk string `opened` names replaced by its plaintext, every
+    other byte as it was, and how many were replaced. One pass over the header's
+    occurrences, one join. Bytes inside another value that merely look like such a
+    bulk string are replaced too: the caller compares the count with the values
+    hiredis read."""
     parts: list[bytes] = []
     done = 0  # frame[:done] is in parts
-    at = frame.find(HEADER_PREFIX)
+    find = frame.find
+    at = find(HEADER_PREFIX)
     while at >= 0:
-        end = frame.find(b"\r\n", at)
+        end = find(b"\r\n", at)
         if end < 0:
             break
         plain = opened.get(frame[at:end])
@@ -350,16 +362,16 @@ def _splice(frame: bytes, opened: dict[bytes, bytes]) -> bytes:
             length = b"$%d\r\n" % (end - at)
             start = at - len(length)
             if start >= done and frame.startswith(length, start):
-                parts.append(frame[done:start])
-                parts.append(b"$%d\r\n%b" % (len(plain), plain))
+                parts += (frame[done:start], b"$%d\r\n" % len(plain), plain)
                 done = end  # the value's CRLF stays
-                at = frame.find(HEADER_PREFIX, end)
+                at = find(HEADER_PREFIX, end)
                 continue
-        at = frame.find(HEADER_PREFIX, at + 1)
+        at = find(HEADER_PREFIX, at + 1)
     if not parts:
-        return frame
+        return frame, 0
+    replaced = len(parts) // 3
     parts.append(frame[done:])
-    return b"".join(parts)
+    return b"".join(parts), replaced
 
 
 class _ScriptReply:
@@ -367,6 +379,7 @@ class _ScriptReply:
     is opened, under the name its shape gives, else a candidate field name."""
 
     __slots__ = (
+        "_context",
         "_fields",
         "argv",
         "call_keys",
@@ -395,31 +408,64 @@ class _ScriptReply:
         self.first_key = self.keys[:1]  # enough for an envelope not bound to its key
         self.argv = argv
         self._fields: list[bytes] | None = None
+        self._context: bytes | None = None
 
     def transform(self, session: Session, frame: bytes) -> bytes:
         if HEADER_PREFIX not in frame:
             return frame  # the common case: nothing protected in this reply
-        found = _sealed_values(frame)
-        if found is None:  # not something hiredis reads: the lossless tree
-            value, _ = resp.decode(frame)
-            return resp.encode_value(self.walk(value, None))
+        crypt = self.crypt
+        keyring = crypt.keyring
+        recall = keyring.recall_reply
+        if recall is not None:  # the same reply to the same call, opened before
+            known = recall((frame, self.context))
+            if known is not None:
+                crypt.counts["decrypted"] += known[1]
+                return known[0]
+        sealed = _sealed_values(frame)
+        if sealed is None:  # not something hiredis reads: the lossless tree
+            return self._through_tree(frame)
+        found, total = sealed
         # A ciphertext is unique (a random nonce): what's opened once is the same wherever
         # it occurs. Only values read as bulk strings are replaced.
         opened: dict[bytes, bytes] = {}
-        cached = self.crypt.keyring.cached
+        cached = keyring.cached
         key = self.keys[0]
-        hits = 0
+        refused: list[tuple[bytes, bytes | None]] = []  # what no key and name opened
         for stored, name in found.items():
             # The decrypt cache holds only what authenticated: a hit is the answer.
             plain = cached((stored, name, key)) if cached is not None and name is not None else None
             if plain is None:
                 plain = self.open(stored, name)
-            else:
-                hits += 1
+                if plain is None:
+                    refused.append((stored, name))
+                    plain = stored  # what `raw` gives; `error` raises below
             opened[stored] = plain
-        if hits:
-            self.crypt.counts["decrypted"] += hits
-        return _splice(frame, opened)
+        out, replaced = _splice(frame, opened)
+        if replaced != total:  # a header inside another value, or not a bulk string
+            return self._through_tree(frame)
+        crypt.counts["decrypted"] += len(found) - len(refused)
+        for stored, name in refused:
+            self.refuse(stored, name)  # logs and counts; raises under on_decrypt_error: error
+        if not refused:
+            keyring.remember_reply(frame, self.context, out, len(found))
+        return out
+
+    def _through_tree(self, frame: bytes) -> bytes:
+        """The reply decoded losslessly, each bulk string that carries the header opened."""
+        value, _ = resp.decode(frame)
+        return resp.encode_value(self.walk(value, None))
+
+    @property
+    def context(self) -> bytes:
+        """What an opened reply depends on besides its bytes and the key ring: the
+        db (its rules), the call's keys, and a declared script with its ARGV (the
+        field names to try)."""
+        if self._context is None:
+            declared = [self.script.name.encode(), *self.argv] if self.script is not None else []
+            self._context = resp.encode_request(
+                [b"%d" % self.db, *declared, b"KEYS", *self.call_keys]
+            )
+        return self._context
 
     @property
     def fields(self) -> list[bytes]:
@@ -431,7 +477,11 @@ class _ScriptReply:
     def walk(self, value: resp.Value, name: bytes | None) -> resp.Value:
         if isinstance(value, resp.Blob):
             if value.kind == 36 and value.data.startswith(HEADER_PREFIX):  # '$'
-                return resp.Blob(36, self.open(value.data, name))
+                plain = self.open(value.data, name)
+                if plain is None:
+                    return resp.Blob(36, self.refuse(value.data, name))
+                self.crypt.counts["decrypted"] += 1
+                return resp.Blob(36, plain)
             return value
         if isinstance(value, resp.Aggregate):
             items = value.items
@@ -441,41 +491,41 @@ class _ScriptReply:
                 items[i] = self.walk(item, previous)
         return value
 
-    def open(self, stored: bytes, name: bytes | None) -> bytes:
-        """The plaintext of `stored`: one field name (and, for an envelope bound to its key,
-        one key of the call) authenticates it, so the order of the guesses changes nothing
-        but their cost: the decrypt cache first, then AES for the shape's name, then for
-        the candidates."""
-        crypt = self.crypt
+    def open(self, stored: bytes, name: bytes | None) -> bytes | None:
+        """The plaintext of `stored`, or None when no key and field name fit: one field
+        name (and, for an envelope bound to its key, one key of the call) authenticates
+        it, so the order of the guesses changes nothing but their cost: the decrypt
+        cache first, then AES for the shape's name, then for the candidates."""
         keys = self.keys if stored[5:6] == MODE_KEY else self.first_key
-        cached = crypt.keyring.cached
+        keyring = self.crypt.keyring
+        cached = keyring.cached
         if cached is not None:
             if name is not None:
                 for key in keys:
                     plain = cached((stored, name, key))
                     if plain is not None:
-                        crypt.counts["decrypted"] += 1
                         return plain
             for field_name in self.fields:
                 for key in keys:
                     plain = cached((stored, field_name, key))
                     if plain is not None:
-                        crypt.counts["decrypted"] += 1
                         return plain
         names = self.fields if name is None else [name, *(f for f in self.fields if f != name)]
-        keyring = crypt.keyring
         for field_name in names:
             for key in keys:
                 try:
-                    plain = keyring.decrypt(stored, field_name, key)
+                    return keyring.decrypt(stored, field_name, key)
                 except DecryptError:
                     continue
-                crypt.counts["decrypted"] += 1
-                return plain
+        return None
+
+    def refuse(self, stored: bytes, name: bytes | None) -> bytes:
+        """What `on_decrypt_error` makes of a value `open` could not open: the stored
+        bytes under `raw`, else ReplyError."""
         shown = display_name(name) if name is not None else "?"
         try:
             # Through the common path: counts, logs and applies on_decrypt_error.
-            return crypt.open(None, self.keys[0], name or b"?", stored)
+            return self.crypt.open(None, self.keys[0], name or b"?", stored)
         except ReplyError:
             raise ReplyError(
                 f"ERR fieldcrypt: cannot decrypt a value in a script reply (field '{shown}'): "

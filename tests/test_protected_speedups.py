@@ -19,6 +19,8 @@ from redis.exceptions import ResponseError
 from proxy import crypto
 from proxy.config import ConfigError, Settings, build_keyring, explain, load_settings
 from proxy.crypto import (
+    DECRYPT_CACHE_MAX_REPLIES,
+    DECRYPT_CACHE_MAX_REPLY,
     DECRYPT_CACHE_MAX_VALUE,
     HEADER_PREFIX,
     DecryptError,
@@ -222,6 +224,37 @@ def test_a_reload_to_a_ring_without_the_old_key_refuses_values_the_cache_had_see
         later.hmget("iad:6", ["smtp"])
 
 
+LIST_ROWS = (
+    "local rows = {} for i, key in ipairs(KEYS) do rows[i] = redis.call('HGETALL', key) end "
+    "return {#KEYS, 0, rows}"
+)
+
+
+def test_a_script_reply_seen_before_a_reload_is_not_answered_by_the_new_ring(
+    fc: Proxy,
+) -> None:
+    client = fc.client()
+    client.hset("iad:8", mapping={"imap": "imap-secret", "user": "ada"})
+    listing = client.script_load(LIST_ROWS)
+    for _ in range(2):  # opened, then answered whole from the cache
+        total, skip, [row] = client.evalsha(listing, 1, "iad:8")
+        assert (total, skip) == (1, 0)
+        assert dict(zip(row[::2], row[1::2], strict=True)) == {
+            b"imap": b"imap-secret",
+            b"user": b"ada",
+        }
+    assert fc.counts()["decrypted"] == 2
+
+    fc.write_config(fc.config(fc.key_b))  # key A is gone
+    assert client.execute_command("FIELDCRYPT", "RELOAD") in (b"OK", "OK", True)
+    later = fc.client()
+    with pytest.raises(ResponseError, match="cannot decrypt a value in a script reply"):
+        later.evalsha(listing, 1, "iad:8")
+    assert fc.proxy is not None
+    crypt = fc.proxy.state.crypt
+    assert fc.proxy.run(lambda: dict(crypt.failures)) == {"no key in the ring": 1}
+
+
 def test_decrypt_cache_entries_0_turns_the_cache_off(fc: Proxy) -> None:
     fc.restart(cache=0)
     client = fc.client()
@@ -276,6 +309,37 @@ def test_the_cache_is_bounded_by_bytes_and_skips_large_values(
     assert ring.cached_count() == 1000 // entry_size
     assert ring.cached is not None
     assert ring.cached((values[-1], b"imap", b"k")) == b"v" * 100
+
+
+def test_whole_replies_are_bounded_by_count_and_size_within_the_byte_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ring = cached_ring(10)
+    assert ring.recall_reply is not None
+    for i in range(DECRYPT_CACHE_MAX_REPLIES + 5):
+        ring.remember_reply(b"*1\r\n$5\r\n$fc1$%d" % i, b"ctx", b"opened-%d" % i, 1)
+    assert ring.recall_reply((b"*1\r\n$5\r\n$fc1$0", b"ctx")) is None  # oldest out
+    newest = b"*1\r\n$5\r\n$fc1$%d" % (DECRYPT_CACHE_MAX_REPLIES + 4)
+    assert ring.recall_reply((newest, b"ctx")) == (
+        b"opened-%d" % (DECRYPT_CACHE_MAX_REPLIES + 4),
+        1,
+    )
+    assert ring.recall_reply((newest, b"another context")) is None
+    large = b"x" * (DECRYPT_CACHE_MAX_REPLY + 1)
+    ring.remember_reply(large, b"ctx", b"y", 1)
+    assert ring.recall_reply((large, b"ctx")) is None
+
+    # Replies and values share the byte bound; replies are evicted first.
+    monkeypatch.setattr(crypto, "DECRYPT_CACHE_MAX_BYTES", 2000)
+    ring = cached_ring(10)
+    value = ring.encrypt(b"v" * 100, b"imap")
+    ring.decrypt(value, b"imap", b"k")
+    for i in range(10):
+        ring.remember_reply(b"r" * 300 + b"%d" % i, b"c", b"o" * 300, 1)
+    assert ring.cached is not None and ring.cached((value, b"imap", b"k")) == b"v" * 100
+    assert ring.recall_reply is not None
+    kept = [i for i in range(10) if ring.recall_reply((b"r" * 300 + b"%d" % i, b"c"))]
+    assert kept == [8, 9]  # 2 replies of ~600 bytes fit beside the value, newest last
 
 
 def test_failures_never_enter_the_cache() -> None:

@@ -254,3 +254,72 @@ def test_a_value_that_opens_under_no_name_is_an_error_every_time(tmp_path: Path)
         got = proxy.reply(bulks(b"imap", other))
         assert got.startswith(b"-ERR fieldcrypt: cannot decrypt a value in a script reply")
         assert b"elsewhere" not in got
+
+
+def test_a_ciphertext_written_as_a_bulk_string_inside_another_value_stays_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # The bytes of a whole bulk string, ciphertext and all, inside another value: only
+    # the value hiredis read as an element is opened, the copy inside stays byte for byte.
+    proxy = Proxy(tmp_path)
+    sealed = proxy.seal(b"imap-secret", b"imap")
+    inner = b"dump\r\n$%d\r\n%s\r\nend" % (len(sealed), sealed)
+    for _ in range(2):
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+        got = proxy.reply(bulks(b"imap", sealed, b"note", inner))
+        assert got == bulks(b"imap", b"imap-secret", b"note", inner)
+
+
+# --- Whole replies remembered ------------------------------------------------------------
+
+
+def test_a_repeated_reply_is_answered_whole_from_the_cache_with_exact_counts(
+    tmp_path: Path,
+) -> None:
+    proxy = Proxy(tmp_path)
+    stored, plain = account_rows(proxy)
+    ring = proxy.crypt.keyring
+    for round_number in (1, 2, 3):
+        proxy.send(b"EVALSHA", LIST_SHA, b"3", b"iad:1", b"iad:2", b"iad:3")
+        assert proxy.reply(stored) == plain
+        assert proxy.crypt.counts["decrypted"] == 9 * round_number
+    assert ring.recall_reply is not None
+    assert len([k for k in ring._replies or () if k[0] == stored]) == 1
+
+
+def test_a_remembered_reply_opens_only_for_a_call_with_the_same_keys(tmp_path: Path) -> None:
+    # Bound to their keys, the rows open for the call that names iad:1..3. The same bytes
+    # returned to a call naming other keys (a script reading keys it doesn't declare)
+    # must fail as a fresh decrypt would, not be answered from the first call's result.
+    rules = [{"key": "iad:*", "fields": list(map(bytes.decode, PROTECTED)), "bind_key": True}]
+    proxy = Proxy(tmp_path, rules=rules)
+    stored, plain = account_rows(proxy, bound=True)
+    proxy.send(b"EVALSHA", LIST_SHA, b"3", b"iad:1", b"iad:2", b"iad:3")
+    assert proxy.reply(stored) == plain
+
+    proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:9")
+    got = proxy.reply(stored)
+    assert got.startswith(b"-ERR fieldcrypt: cannot decrypt a value in a script reply")
+    assert b"secret" not in got
+
+
+def test_a_reply_with_a_value_left_raw_is_never_remembered(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path, on_decrypt_error="raw")
+    other = proxy.seal(b"elsewhere", b"password")  # under "note", no name fits
+    imap = proxy.seal(b"imap-secret", b"imap")
+    for round_number in (1, 2, 3):
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+        got = proxy.reply(bulks(b"imap", imap, b"note", other))
+        assert got == bulks(b"imap", b"imap-secret", b"note", other)
+        assert sum(proxy.crypt.failures.values()) == round_number  # judged every time
+    assert not proxy.crypt.keyring._replies
+
+
+def test_with_the_cache_off_replies_are_opened_every_time(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path, decrypt_cache_entries=0)
+    stored, plain = account_rows(proxy)
+    for _ in range(2):
+        proxy.send(b"EVALSHA", LIST_SHA, b"3", b"iad:1", b"iad:2", b"iad:3")
+        assert proxy.reply(stored) == plain
+    assert proxy.crypt.keyring.recall_reply is None
+    assert proxy.crypt.counts["decrypted"] == 18
