@@ -150,6 +150,11 @@ class RequestReader:
     def pending_bytes(self) -> int:
         return len(self.buffer) - self.pos
 
+    @property
+    def held(self) -> tuple[int, int, bytes, list[bytes]] | None:
+        """The request take_plain() stopped at, which `next()` returns next (None if none)."""
+        return self._held  # type: ignore[no-any-return]
+
     def compact(self) -> None:
         if not self.pos:
             return
@@ -657,10 +662,12 @@ class ReplyReader:
 
     def next_resp2(self) -> int:
         """`next()` for RESP2 streams: hiredis reads the value in C and its end follows
-        from what it read (RESP2 is written in one canonical way). Where that is not
-        certain (an array: `+x` and `$1 x` read the same), a second hiredis pass over
-        exactly those bytes must find exactly one value; anything else, and any type
-        RESP2 does not have, goes to the Python framer."""
+        from what it read (RESP2 is written in one canonical way). When hiredis has
+        nothing left unread after the value (the last reply of a read), the value ends
+        the buffer and no size is worked out. Otherwise, where the size is
+        not certain (an array: `+x` and `$1 x` read the same), a second hiredis pass
+        over exactly those bytes must find exactly one value; anything else, and any
+        type RESP2 does not have, goes to the Python framer."""
         counter = self._counter
         if counter is not None and self._ahead:
             self._settle()
@@ -682,6 +689,12 @@ class ReplyReader:
                     self._settle()
                     return self.next()
                 return -1
+            if not counter.has_data():
+                # hiredis stops at the end of each value it returns, so the value
+                # ends the buffer (a partial value after it would stay unread).
+                self._counter = None
+                self._spare = counter
+                return len(buf)
             end = _resp2_end(buf, pos, value)
         if end < 0:
             self._counter = None  # the Python framer reads it

@@ -74,6 +74,13 @@ class Defer:
 
 
 Outcome = Forward | Answer | Defer | None
+
+
+class _Undecided:
+    """No handler has been asked yet (None is an answer: forward as is)."""
+
+
+UNDECIDED: Final = _Undecided()
 Handler = Callable[["Session", list[bytes]], Outcome]
 """Called with the request's arguments (name first); None means forward as is."""
 
@@ -387,20 +394,47 @@ class Session:
         dispatch = self.dispatch
         counts = self.command_counts
         run = reader.pos  # start of requests forwarded as they are
-        plain = 0
+        decided: Outcome | _Undecided = UNDECIDED  # the handler's answer for the held request
         if not self._slow and reader.buffer is data:  # nothing held over from the last read
-            plain = reader.take_plain(dispatch, counts)
-            if plain and reader.pos == len(data):  # all of it: forward the read as it came
-                self.commands += plain
-                self._expect_plain(plain)
+            # Plain requests, and those whose handler lets them go as they came, stay in
+            # one run: when they fill the read, it goes upstream as it came.
+            while True:
+                plain = reader.take_plain(dispatch, counts)
+                if plain:
+                    self.commands += plain
+                    self._expect_plain(plain)
+                held = reader.held
+                if held is None or held[2] in STATEFUL or self._slow:
+                    break
+                name = held[2]
+                decided = dispatch[name](self, held[3])
+                if decided is None:
+                    entry: int | Entry = 1
+                elif type(decided) is Forward and decided.request is None:
+                    transform = decided.transform
+                    entry = 1 if transform is None else TransformEntry(transform, decided.only_with)
+                else:
+                    break  # answered here, or rewritten: the loop below places it
+                decided = UNDECIDED
+                reader.next()
+                sent_as = held[3][0]
+                seen = counts.get(sent_as)
+                if seen is not None:
+                    counts[sent_as] = seen + 1
+                elif len(counts) < MAX_COUNTED_NAMES:
+                    counts[sent_as] = 1
+                self.commands += 1
+                if entry == 1:
+                    self._expect_plain(1)
+                else:
+                    self.pending.append(entry)
+            if reader.pos == len(data):  # all of it: forward the read as it came
                 self.send_upstream(data)
                 reader.compact()
                 return
         buf = reader.buffer
-        count = plain
+        count = 0
         out: list[bytes | bytearray] = []  # what goes upstream, in order
-        if plain:
-            self._expect_plain(plain)
         try:
             while reader.pos < len(buf):  # (a held request starts at pos)
                 if not self._slow:
@@ -421,7 +455,8 @@ class Session:
                 if not self._slow and name not in dispatch and not reader.inline:
                     self._expect_plain(1)
                     continue
-                replacement = self._dispatch(name, args, reader.inline)
+                replacement = self._dispatch(name, args, reader.inline, decided)
+                decided = UNDECIDED
                 if replacement is not None:  # the request's own bytes don't go upstream
                     if run < start:
                         out.append(buf[run:start])
@@ -440,15 +475,24 @@ class Session:
         reader.compact()
         self._emit_ready()
 
-    def _dispatch(self, name: bytes, args: list[bytes], inline: bool) -> bytes | None:
+    def _dispatch(
+        self,
+        name: bytes,
+        args: list[bytes],
+        inline: bool,
+        outcome: Outcome | _Undecided = UNDECIDED,
+    ) -> bytes | None:
         """Queue what the reply of a request off the fast path goes through. Returns
         what goes upstream instead of the request's bytes (b"": nothing), or None
-        when its bytes go as they are."""
+        when its bytes go as they are. `outcome` is the handler's answer when it has
+        been asked already."""
         if self.locked and name not in OPEN_COMMANDS:
             self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
             return b""
-        handler = self.dispatch.get(name)
-        outcome = handler(self, args) if handler is not None else None
+        if outcome is UNDECIDED:
+            handler = self.dispatch.get(name)
+            outcome = handler(self, args) if handler is not None else None
+        assert not isinstance(outcome, _Undecided)
         if isinstance(outcome, Answer):
             self._answer(outcome)
             return b""
@@ -659,22 +703,39 @@ class Session:
         buf = reader.buffer
         pending = self.pending
         run = reader.pos  # start of replies forwarded as they are
-        first = pending[0] if pending else None
-        if (
-            buf is data
-            and type(first) is int
-            and not (self.resp3 or self.pubsub or self.monitoring)
-        ):  # the common case: a read of replies that all pass untouched
-            done = reader.count(first)
-            if done == first:
-                pending.popleft()
-            elif done:
-                pending[0] = first - done
-            if reader.pos == len(data) and not (pending and type(pending[0]) is LocalEntry):
-                self.send_client(data)
-                reader.compact()
-                return
         out: list[bytes | bytearray] = []  # what goes to the client, in order
+        first = pending[0] if pending else None
+        if buf is data and first is not None and not (self.resp3 or self.pubsub or self.monitoring):
+            # The common cases: a read that starts with replies passing untouched, or with
+            # the reply to rewrite (at pipeline 1, the whole read).
+            marker = first.only_with if type(first) is TransformEntry else None
+            if type(first) is int or (
+                # a transform with nothing to do in this read passes like a plain reply
+                marker is not None and len(data) <= MARKER_SCAN and marker not in data
+            ):
+                n = first if type(first) is int else 1
+                done = reader.count(n)
+                if done == n:
+                    pending.popleft()
+                elif done:
+                    pending[0] = n - done
+                if reader.pos == len(data) and not (pending and type(pending[0]) is LocalEntry):
+                    self.send_client(data)
+                    reader.compact()
+                    return
+            elif type(first) is TransformEntry:
+                end = reader.next_resp2()
+                if end > 0:
+                    pending.popleft()
+                    reader.pos = run = end
+                    frame = data if end == len(data) else data[:end]
+                    if marker is None or frame.find(marker) >= 0:
+                        frame = _apply(first.transform, self, frame)
+                    if end == len(data) and not (pending and type(pending[0]) is LocalEntry):
+                        self.send_client(frame)
+                        reader.compact()
+                        return
+                    out.append(frame)
         while True:
             if pending and type(pending[0]) is LocalEntry:
                 if run < reader.pos:

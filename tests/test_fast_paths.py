@@ -10,11 +10,12 @@ import itertools
 import re
 
 import hiredis
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.resp import _resp2_end, encode_request
-from proxy.session import Forward, Outcome, Session, base_dispatch
+from proxy.session import Answer, Forward, Outcome, Session, base_dispatch
 from tests.test_resp import BINARY, INLINE_WORD, LINE, SKIPPED, blob, split_points
 
 NEEDLE = b"$fc1$"  # what XMARK's transform waits for (as scripts wait for the header)
@@ -76,6 +77,94 @@ def test_requests_go_upstream_as_they_came_however_split(
     assert session.commands == requests
     assert session.closing is None
     assert not session.requests.pending_bytes()
+
+
+def judging_dispatch(asked: list[bytes]) -> dict[bytes, object]:
+    """Handlers that note each request they are asked about (by its last argument) and
+    answer by name: WATCHME passes as it came, XPASS passes with its reply rewritten,
+    XREWRITE is sent as PING, XLOCAL is answered by the proxy."""
+
+    def note(args: list[bytes]) -> None:
+        asked.append(args[-1])
+
+    def watch(session: Session, args: list[bytes]) -> Outcome:
+        note(args)
+        return None
+
+    def xpass(session: Session, args: list[bytes]) -> Outcome:
+        note(args)
+        return Forward(transform=lambda _session, _frame: REWRITTEN)
+
+    def xrewrite(session: Session, args: list[bytes]) -> Outcome:
+        note(args)
+        return Forward(request=encode_request([b"PING"]))
+
+    def xlocal(session: Session, args: list[bytes]) -> Outcome:
+        note(args)
+        return Answer(b"+LOCAL\r\n")
+
+    return {
+        **base_dispatch(),
+        b"WATCHME": watch,
+        b"XPASS": xpass,
+        b"XREWRITE": xrewrite,
+        b"XLOCAL": xlocal,
+    }
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    names=st.lists(
+        st.sampled_from([b"GET", b"watchme", b"XPASS", b"xrewrite", b"XLOCAL", b"SELECT"]),
+        min_size=1,
+        max_size=24,
+    ),
+    values=st.lists(VALUE, min_size=24, max_size=24),
+    data=st.data(),
+)
+def test_handlers_are_asked_once_each_and_their_requests_and_replies_keep_their_order(
+    names: list[bytes], values: list[bytes], data: st.DataObject
+) -> None:
+    # Requests a handler lets pass stay in the read's run; the others are cut out of it.
+    # However the stream is split, each handler is asked once per request, in order,
+    # what goes upstream is each request as it came or as its handler rewrote it, and
+    # every reply comes back in its request's place.
+    requests = [
+        encode_request([name, b"%d" % i] if name == b"SELECT" else [name, b"%d" % i, value])
+        for i, (name, value) in enumerate(zip(names, values, strict=False))
+    ]
+    asked: list[bytes] = []
+    upstream: list[bytes] = []
+    client: list[bytes] = []
+    session = Session(
+        judging_dispatch(asked),  # type: ignore[arg-type]
+        lambda b: upstream.append(bytes(b)),
+        lambda b: client.append(bytes(b)),
+    )
+    stream = b"".join(requests)
+    feed_requests(session, stream, split_points(data, len(stream)))
+
+    judged = [(i, name.upper()) for i, name in enumerate(names) if name.upper() != b"GET"]
+    assert asked == [values[i] for i, name in judged if name != b"SELECT"]
+    sent = [
+        encode_request([b"PING"]) if name == b"xrewrite" else request
+        for name, request in zip(names, requests, strict=True)
+        if name != b"XLOCAL"
+    ]
+    assert b"".join(upstream) == b"".join(sent)
+    assert session.commands == len(names)
+    selected = [i for i, name in enumerate(names) if name == b"SELECT"]
+    assert session.db == (selected[-1] if selected else 0)  # followed as it was sent
+
+    replies = [b":%d\r\n" % i for i, name in enumerate(names) if name != b"XLOCAL"]
+    for left, right in itertools.pairwise(split_points(data, len(b"".join(replies)))):
+        session.upstream_data(b"".join(replies)[left:right])
+    expected = [
+        b"+LOCAL\r\n" if name == b"XLOCAL" else REWRITTEN if name == b"XPASS" else b":%d\r\n" % i
+        for i, name in enumerate(names)
+    ]
+    assert b"".join(client) == b"".join(expected)
+    assert not session.pending
 
 
 def test_a_read_ending_between_the_elements_of_a_request_holds_it_back() -> None:
@@ -168,6 +257,26 @@ def test_a_read_ending_on_a_lone_type_byte_is_counted_once_the_reply_is_whole() 
     assert len(session.pending) == 1
     session.upstream_data(b"$1\r\nb\r\n")
     assert b"".join(client) == b"$1\r\nx\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+    assert not session.pending
+
+
+@pytest.mark.parametrize("cut", [b"*", b"*2\r\n", b"*2\r\n$1\r\na\r\n"])
+def test_a_rewritten_reply_followed_by_part_of_the_next_is_framed_exactly(cut: bytes) -> None:
+    # hiredis reads XFORM's reply and takes in the start of the array after it, leaving
+    # nothing unread: the probe for "does the buffer end here" goes into that array, so
+    # the reader must be started again from the array's first byte.
+    client: list[bytes] = []
+    session = Session(
+        rewriting_dispatch(),  # type: ignore[arg-type]
+        lambda b: None,
+        lambda b: client.append(bytes(b)),
+    )
+    session.client_data(encode_request([b"XFORM", b"k"]) + encode_request([b"LRANGE", b"l"]))
+    array = b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+    session.upstream_data(b"*1\r\n$1\r\nx\r\n" + cut)
+    assert b"".join(client) == REWRITTEN
+    session.upstream_data(array[len(cut) :])
+    assert b"".join(client) == REWRITTEN + array
     assert not session.pending
 
 
