@@ -68,7 +68,6 @@ class RequestReader:
         "_argc",
         "_fast",
         "_flags",
-        "_held",
         "_need",
         "_odd",
         "_reader",
@@ -76,6 +75,7 @@ class RequestReader:
         "_special",
         "_tail",
         "buffer",
+        "held",
         "inline",
         "max_request",
         "pos",
@@ -88,14 +88,16 @@ class RequestReader:
         self.inline = False
         self._reader = hiredis.Reader()
         self._fast = True  # hiredis holds exactly the bytes from `pos` on
-        self._held: Any = None  # a request take_plain() read and left for next(), from `pos`
+        # The request take_plain() stopped at, (start, end, name, args) from `pos`, which
+        # next() returns next.
+        self.held: tuple[int, int, bytes, list[bytes]] | None = None
         self._tail = b""  # the end of the last read, to find a count cut in two
         self._need = 0  # strict parser: don't rescan until the buffer holds this many bytes
         self._scan = -1  # strict parser: resume point inside a partly read array request
         self._argc = 0
         self._odd = False  # a request from `pos` on may start with `~` or `|`
         self._special: Container[bytes] | None = None  # what take_plain's flags are for
-        self._flags: dict[bytes, bool] = {}
+        self._flags: dict[bytes, bytes] = {}
 
     def feed(self, data: bytes) -> None:
         if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
@@ -150,11 +152,6 @@ class RequestReader:
     def pending_bytes(self) -> int:
         return len(self.buffer) - self.pos
 
-    @property
-    def held(self) -> tuple[int, int, bytes, list[bytes]] | None:
-        """The request take_plain() stopped at, which `next()` returns next (None if none)."""
-        return self._held  # type: ignore[no-any-return]
-
     def compact(self) -> None:
         if not self.pos:
             return
@@ -182,15 +179,16 @@ class RequestReader:
         connection, whatever the proxy thinks of it) or a request starting `~` or
         `|` (an inline command to Redis, an aggregate to hiredis), which `feed`
         looks for."""
-        if not self._fast or self._held is not None:
+        if not self._fast or self.held is not None:
             return 0
         if special is not self._special:  # a new dispatch table (a reload)
             self._special = special
             self._flags = {}
-        flags = self._flags  # name as sent -> whether it is in `special`
+        flags = self._flags  # name as sent -> its upper case if in `special`, else b""
         gets = self._reader.gets
         taken: list[list[bytes]] = []
         special_args: Any = None  # the request that stopped the run, if any
+        special_name = b""
         while True:
             try:
                 args = gets()
@@ -204,11 +202,14 @@ class RequestReader:
                 break
             flag = flags.get(args[0])
             if flag is None:
-                flag = args[0].upper() in special
+                flag = args[0].upper()
+                if flag not in special:
+                    flag = b""
                 if len(flags) < MAX_COUNTED_NAMES:
                     flags[args[0]] = flag
             if flag:
                 special_args = args
+                special_name = flag
                 break
             taken.append(args)
         buf = self.buffer
@@ -235,23 +236,48 @@ class RequestReader:
                 break
             pos = end
         self.pos = pos
-        count_names(counts, taken)
+        if taken:
+            count_names(counts, taken)
         if special_args is not None and self._fast:
-            end = _checked_end(buf, pos, special_args, limit)
-            if end < 0:
-                self._fast = False
+            if (
+                not self._reader.has_data()  # it ends the buffer: hiredis stops after a value
+                and buf[pos] == 42
+                and len(buf) - pos <= limit
+                and _all_bytes(special_args)
+            ):
+                # Its exact size matters only if it doesn't go as it came (see next()).
+                self.held = (pos, -1, special_name, special_args)
             else:
-                self._held = (pos, end, special_args[0].upper(), special_args)
+                end = _checked_end(buf, pos, special_args, limit)
+                if end < 0:
+                    self._fast = False
+                else:
+                    self.held = (pos, end, special_name, special_args)
         return len(taken)
+
+    def pass_held(self) -> None:
+        """The held request goes upstream as it came: move past it. Its bytes need no
+        check, as Redis reads them itself."""
+        held = self.held
+        assert held is not None
+        self.held = None
+        self.pos = held[1] if held[1] >= 0 else len(self.buffer)
 
     def next(self) -> tuple[int, int, bytes, list[bytes]] | None:
         if self._fast:
-            held = self._held
+            held = self.held
             if held is not None:
-                self._held = None
+                self.held = None
+                start, end, name, held_args = held
+                if end < 0:  # what Redis would read differently goes to the strict parser
+                    end = _checked_end(self.buffer, start, held_args, self.max_request)
+                    if end < 0:
+                        self._fast = False
+                        return self._strict_next()
+                    held = (start, end, name, held_args)
                 self.inline = False
-                self.pos = held[1]
-                return held  # type: ignore[no-any-return]
+                self.pos = end
+                return held
             try:
                 args = self._reader.gets()
             except hiredis.ProtocolError:
@@ -420,6 +446,13 @@ def _encoded_size(args: list[bytes]) -> int | None:
         n = len(arg)
         size += n + (digits[n] if n < 65536 else len(str(n)))
     return size
+
+
+def _all_bytes(args: list[bytes]) -> bool:
+    for arg in args:
+        if type(arg) is not bytes:
+            return False  # an integer, a nested array, a null...
+    return True
 
 
 def count_names(counts: Counter[bytes], requests: list[list[bytes]]) -> None:

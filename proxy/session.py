@@ -39,7 +39,7 @@ class Forward:
     """A handler's answer: send the request (rewritten if `request` is given)
     and pass its reply through `transform`."""
 
-    __slots__ = ("only_with", "request", "transform")
+    __slots__ = ("_entry", "only_with", "request", "transform")
 
     def __init__(
         self,
@@ -50,6 +50,14 @@ class Forward:
         self.request = request
         self.transform = transform
         self.only_with = only_with  # the transform is needed only if the reply holds these bytes
+        self._entry: TransformEntry | None = None
+
+    def entry(self) -> TransformEntry | None:
+        """What the reply goes through outside MULTI (None: nothing), made once, so a
+        Forward handed out again (a remembered decision) costs no new object."""
+        if self._entry is None and self.transform is not None:
+            self._entry = TransformEntry(self.transform, self.only_with)
+        return self._entry
 
 
 class Answer:
@@ -409,14 +417,13 @@ class Session:
                 name = held[2]
                 decided = dispatch[name](self, held[3])
                 if decided is None:
-                    entry: int | Entry = 1
+                    entry = None
                 elif type(decided) is Forward and decided.request is None:
-                    transform = decided.transform
-                    entry = 1 if transform is None else TransformEntry(transform, decided.only_with)
+                    entry = decided.entry()
                 else:
                     break  # answered here, or rewritten: the loop below places it
                 decided = UNDECIDED
-                reader.next()
+                reader.pass_held()
                 sent_as = held[3][0]
                 seen = counts.get(sent_as)
                 if seen is not None:
@@ -424,10 +431,12 @@ class Session:
                 elif len(counts) < MAX_COUNTED_NAMES:
                     counts[sent_as] = 1
                 self.commands += 1
-                if entry == 1:
+                if entry is None:
                     self._expect_plain(1)
                 else:
                     self.pending.append(entry)
+                if reader.pos == len(data):
+                    break
             if reader.pos == len(data):  # all of it: forward the read as it came
                 self.send_upstream(data)
                 reader.compact()
@@ -502,10 +511,8 @@ class Session:
             return b""
         request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
-        only_with = None
         if outcome is not None:
             transform = outcome.transform
-            only_with = outcome.only_with
             if outcome.request is not None:
                 request = outcome.request
         entry: int | Entry | None = (
@@ -514,10 +521,8 @@ class Session:
         if entry is None:
             if self.in_multi:
                 entry = QueuedEntry(transform)
-            elif transform is not None:
-                entry = TransformEntry(transform, only_with)
             else:
-                entry = 1
+                entry = (outcome.entry() if outcome is not None else None) or 1
         if type(entry) is ExecEntry and entry.abort:
             request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
         self._expect(entry)

@@ -167,6 +167,35 @@ def test_handlers_are_asked_once_each_and_their_requests_and_replies_keep_their_
     assert not session.pending
 
 
+@pytest.mark.parametrize("name", [b"WATCHME", b"XPASS", b"XREWRITE", b"XLOCAL"])
+@pytest.mark.parametrize("element", [b"+x\r\n", b":1\r\n", b"*1\r\n$1\r\nx\r\n"])
+def test_a_handled_request_with_an_element_redis_refuses_is_refused_as_redis_would(
+    name: bytes, element: bytes
+) -> None:
+    # hiredis reads `+x` as b"x" and `:1` as 1 inside a request; Redis answers a protocol
+    # error. A request its handler lets pass goes as it came (Redis answers that error
+    # itself) or, if its handler never got to see it, is refused by the proxy; one its
+    # handler would change or answer is refused by the proxy, never made valid.
+    asked: list[bytes] = []
+    upstream: list[bytes] = []
+    client: list[bytes] = []
+    session = Session(
+        judging_dispatch(asked),  # type: ignore[arg-type]
+        lambda b: upstream.append(bytes(b)),
+        lambda b: client.append(bytes(b)),
+    )
+    request = b"*3\r\n$%d\r\n%s\r\n$1\r\nk\r\n%s" % (len(name), name, element)
+    session.client_data(request)
+
+    refused = b"".join(client).startswith(b"-ERR Protocol error: expected '$', got ")
+    if name in (b"XREWRITE", b"XLOCAL") or element != b"+x\r\n":
+        assert refused and session.closing == "protocol error"
+        assert upstream == []
+    else:
+        assert asked == [b"x"]
+        assert b"".join(upstream) == request and not refused
+
+
 def test_a_read_ending_between_the_elements_of_a_request_holds_it_back() -> None:
     # hiredis has taken in "*3\r\n$3\r\nSET\r\n" and says it has nothing left unread.
     request = encode_request([b"SET", b"key", b"value"])
