@@ -112,6 +112,20 @@ def judging_dispatch(asked: list[bytes]) -> dict[bytes, object]:
     }
 
 
+def judged_session() -> tuple[Session, list[bytes], list[bytes], list[bytes]]:
+    """A session with judging_dispatch: it, what its handlers were asked about, and what
+    went upstream and to the client."""
+    asked: list[bytes] = []
+    upstream: list[bytes] = []
+    client: list[bytes] = []
+    session = Session(
+        judging_dispatch(asked),  # type: ignore[arg-type]
+        lambda b: upstream.append(bytes(b)),
+        lambda b: client.append(bytes(b)),
+    )
+    return session, asked, upstream, client
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     names=st.lists(
@@ -133,14 +147,7 @@ def test_handlers_are_asked_once_each_and_their_requests_and_replies_keep_their_
         encode_request([name, b"%d" % i] if name == b"SELECT" else [name, b"%d" % i, value])
         for i, (name, value) in enumerate(zip(names, values, strict=False))
     ]
-    asked: list[bytes] = []
-    upstream: list[bytes] = []
-    client: list[bytes] = []
-    session = Session(
-        judging_dispatch(asked),  # type: ignore[arg-type]
-        lambda b: upstream.append(bytes(b)),
-        lambda b: client.append(bytes(b)),
-    )
+    session, asked, upstream, client = judged_session()
     stream = b"".join(requests)
     feed_requests(session, stream, split_points(data, len(stream)))
 
@@ -176,14 +183,7 @@ def test_a_handled_request_with_an_element_redis_refuses_is_refused_as_redis_wou
     # error. A request its handler lets pass goes as it came (Redis answers that error
     # itself) or, if its handler never got to see it, is refused by the proxy; one its
     # handler would change or answer is refused by the proxy, never made valid.
-    asked: list[bytes] = []
-    upstream: list[bytes] = []
-    client: list[bytes] = []
-    session = Session(
-        judging_dispatch(asked),  # type: ignore[arg-type]
-        lambda b: upstream.append(bytes(b)),
-        lambda b: client.append(bytes(b)),
-    )
+    session, asked, upstream, client = judged_session()
     request = b"*3\r\n$%d\r\n%s\r\n$1\r\nk\r\n%s" % (len(name), name, element)
     session.client_data(request)
 
