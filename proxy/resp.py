@@ -449,7 +449,8 @@ def _encoded_size(args: list[bytes]) -> int | None:
 
 
 def _all_bytes(args: list[bytes]) -> bool:
-    for arg in args:
+    # A loop, not all() over a generator: about twice as fast for a few arguments.
+    for arg in args:  # noqa: SIM110
         if type(arg) is not bytes:
             return False  # an integer, a nested array, a null...
     return True

@@ -36,6 +36,7 @@ MAX_LEARNED: Final = 10_000  # script bodies remembered; a bound, not a working 
 MAX_DECISIONS: Final = 1024  # calls of undeclared scripts remembered
 MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out every time
 MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
+_NUMKEYS: Final = {b"%d" % n: n for n in range(MAX_DECIDED_KEYS + 1)}  # numkeys as sent
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -172,10 +173,13 @@ class Scripts:
     def call(self, session: Session, args: list[bytes]) -> Outcome:
         if len(args) < 3:
             return None
-        try:
-            argv_at = 3 + int(args[2])
-        except ValueError:
-            return None
+        numkeys = _NUMKEYS.get(args[2])
+        if numkeys is None:
+            try:
+                numkeys = int(args[2])
+            except ValueError:
+                return None
+        argv_at = 3 + numkeys
         if argv_at < 3 or argv_at > len(args):
             return None
         decision = (

@@ -39,7 +39,7 @@ class Forward:
     """A handler's answer: send the request (rewritten if `request` is given)
     and pass its reply through `transform`."""
 
-    __slots__ = ("_entry", "only_with", "request", "transform")
+    __slots__ = ("entry", "only_with", "request", "transform")
 
     def __init__(
         self,
@@ -50,14 +50,9 @@ class Forward:
         self.request = request
         self.transform = transform
         self.only_with = only_with  # the transform is needed only if the reply holds these bytes
-        self._entry: TransformEntry | None = None
-
-    def entry(self) -> TransformEntry | None:
-        """What the reply goes through outside MULTI (None: nothing), made once, so a
-        Forward handed out again (a remembered decision) costs no new object."""
-        if self._entry is None and self.transform is not None:
-            self._entry = TransformEntry(self.transform, self.only_with)
-        return self._entry
+        # What the reply goes through outside MULTI (None: nothing), made here, so a Forward
+        # handed out again (a remembered decision) costs no new object.
+        self.entry = None if transform is None else TransformEntry(transform, only_with)
 
 
 class Answer:
@@ -419,7 +414,7 @@ class Session:
                 if decided is None:
                     entry = None
                 elif type(decided) is Forward and decided.request is None:
-                    entry = decided.entry()
+                    entry = decided.entry
                 else:
                     break  # answered here, or rewritten: the loop below places it
                 decided = UNDECIDED
@@ -522,7 +517,7 @@ class Session:
             if self.in_multi:
                 entry = QueuedEntry(transform)
             else:
-                entry = (outcome.entry() if outcome is not None else None) or 1
+                entry = (outcome.entry if outcome is not None else None) or 1
         if type(entry) is ExecEntry and entry.abort:
             request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
         self._expect(entry)
