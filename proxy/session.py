@@ -401,16 +401,14 @@ class Session:
         if not self._slow and reader.buffer is data:  # nothing held over from the last read
             # Plain requests, and those whose handler lets them go as they came, stay in
             # one run: when they fill the read, it goes upstream as it came.
+            untouched = 0  # replies due that pass untouched, not queued yet (one count
+            # for a whole run, so that a sample never splits it)
             while True:
-                plain = reader.take_plain(dispatch, counts)
-                if plain:
-                    self.commands += plain
-                    self._expect_plain(plain)
+                untouched += reader.take_plain(dispatch, counts)
                 held = reader.held
                 if held is None or held[2] in STATEFUL or self._slow:
                     break
-                name = held[2]
-                decided = dispatch[name](self, held[3])
+                decided = dispatch[held[2]](self, held[3])
                 if decided is None:
                     entry = None
                 elif type(decided) is Forward and decided.request is None:
@@ -425,13 +423,20 @@ class Session:
                     counts[sent_as] = seen + 1
                 elif len(counts) < MAX_COUNTED_NAMES:
                     counts[sent_as] = 1
-                self.commands += 1
                 if entry is None:
-                    self._expect_plain(1)
+                    untouched += 1
                 else:
+                    if untouched:
+                        self.commands += untouched
+                        self._expect_plain(untouched)
+                        untouched = 0
+                    self.commands += 1
                     self.pending.append(entry)
                 if reader.pos == len(data):
                     break
+            if untouched:
+                self.commands += untouched
+                self._expect_plain(untouched)
             if reader.pos == len(data):  # all of it: forward the read as it came
                 self.send_upstream(data)
                 reader.compact()

@@ -174,6 +174,19 @@ def test_handlers_are_asked_once_each_and_their_requests_and_replies_keep_their_
     assert not session.pending
 
 
+def test_requests_a_handler_lets_pass_join_the_plain_run_around_them() -> None:
+    # A read of plain and passing requests is one run in the queue (the latency sample
+    # included), so their replies are counted by hiredis in one go, not framed in Python.
+    session, asked, upstream, _client = judged_session()
+    read = b"".join(encode_request([b"GET" if i % 3 else b"WATCHME", b"%d" % i]) for i in range(40))
+    session.client_data(read)
+    assert upstream == [read]
+    assert len(asked) == 14
+    assert len(session.pending) == 1
+    session.client_data(encode_request([b"XPASS", b"k", b"v"]) + read)
+    assert len(session.pending) == 3  # the run, XPASS's transform, the next run
+
+
 @pytest.mark.parametrize("name", [b"WATCHME", b"XPASS", b"XREWRITE", b"XLOCAL"])
 @pytest.mark.parametrize("element", [b"+x\r\n", b":1\r\n", b"*1\r\n$1\r\nx\r\n"])
 def test_a_handled_request_with_an_element_redis_refuses_is_refused_as_redis_would(
