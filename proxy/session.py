@@ -408,7 +408,9 @@ class Session:
                 held = reader.held
                 if held is None or held[2] in STATEFUL or self._slow:
                     break
-                decided = dispatch[held[2]](self, held[3])
+                # A copy: a handler may rewrite its arguments in place, and next() checks
+                # the request as it came if its handler doesn't let it pass.
+                decided = dispatch[held[2]](self, held[3][:])
                 if decided is None:
                     entry = None
                 elif type(decided) is Forward and decided.request is None:

@@ -97,6 +97,7 @@ def judging_dispatch(asked: list[bytes]) -> dict[bytes, object]:
 
     def xrewrite(session: Session, args: list[bytes]) -> Outcome:
         note(args)
+        args[-1] = b"changed in place, as HSET's handler seals values"
         return Forward(request=encode_request([b"PING"]))
 
     def xlocal(session: Session, args: list[bytes]) -> Outcome:
@@ -185,6 +186,17 @@ def test_requests_a_handler_lets_pass_join_the_plain_run_around_them() -> None:
     assert len(session.pending) == 1
     session.client_data(encode_request([b"XPASS", b"k", b"v"]) + read)
     assert len(session.pending) == 3  # the run, XPASS's transform, the next run
+
+
+def test_a_request_rewritten_by_its_handler_is_placed_without_the_strict_parser() -> None:
+    # The handler changes its arguments in place; the request as it came is still what
+    # next() checks, so the reader stays on hiredis.
+    session, asked, upstream, _client = judged_session()
+    for i in range(3):
+        session.client_data(encode_request([b"XREWRITE", b"k", b"v%d" % i]))
+    assert asked == [b"v0", b"v1", b"v2"]
+    assert upstream == [encode_request([b"PING"])] * 3
+    assert session.requests._fast
 
 
 @pytest.mark.parametrize("name", [b"WATCHME", b"XPASS", b"XREWRITE", b"XLOCAL"])
