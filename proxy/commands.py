@@ -279,38 +279,39 @@ class Table:
 
     # Writes ----------------------------------------------------------------------
 
-    def _seal_pairs(self, session: Session, args: list[bytes], start: int) -> bool:
-        """Encrypt protected values in the field/value pairs from args[start]."""
+    def _seal_pairs(self, session: Session, args: list[bytes], start: int) -> list[bytes] | None:
+        """`args` with the protected values of the field/value pairs from args[start]
+        encrypted (a copy: handlers leave their arguments as they came), or None when
+        none is protected."""
         key = args[1]
         key_rules = self.rules.match_key(session.db, key)
         if key_rules is None:
-            return False
+            return None
         field_rule = key_rules.field_rule
         seal = self.crypt.seal
-        changed = False
+        sealed: list[bytes] | None = None
         for i in range(start, len(args) - 1, 2):
             rule = field_rule(args[i])
             if rule is not None:
-                args[i + 1] = seal(rule, key, args[i], args[i + 1])
-                changed = True
-        return changed
+                if sealed is None:
+                    sealed = args[:]
+                sealed[i + 1] = seal(rule, key, args[i], args[i + 1])
+        return sealed
 
     def hset(self, session: Session, args: list[bytes]) -> Outcome:
         # HSET/HMSET key field value [field value ...], HSETNX key field value
         if len(args) < 4 or len(args) % 2:
             return None  # Redis answers the arity error
-        if self._seal_pairs(session, args, 2):
-            return Forward(_encode_request(args))
-        return None
+        sealed = self._seal_pairs(session, args, 2)
+        return None if sealed is None else Forward(_encode_request(sealed))
 
     def hsetex(self, session: Session, args: list[bytes]) -> Outcome:
         # HSETEX key [options] FIELDS numfields field value [field value ...]
         start = _fields_start(args)
         if start is None or len(args) < 3:
             return None
-        if self._seal_pairs(session, args, start):
-            return Forward(_encode_request(args))
-        return None
+        sealed = self._seal_pairs(session, args, start)
+        return None if sealed is None else Forward(_encode_request(sealed))
 
     def refuse_arithmetic(self, session: Session, args: list[bytes]) -> Outcome:
         if len(args) != 4:

@@ -211,11 +211,11 @@ class Scripts:
         db = session.db
         keys = args[3:argv_at]
         if script is not None:  # declared: its ARGV changes what goes upstream
-            request = None
-            if self._seal(session, script, keys, args, argv_at):
-                request = resp.encode_request(args)
+            sealed = self._seal(session, script, keys, args, argv_at)
             return Forward(
-                request, self._reply_transform(db, script, keys, args[argv_at:]), HEADER_PREFIX
+                None if sealed is None else resp.encode_request(sealed),
+                self._reply_transform(db, script, keys, (sealed or args)[argv_at:]),
+                HEADER_PREFIX,
             )
         outcome: Outcome = Forward(None, self._reply_transform(db, None, keys, []), HEADER_PREFIX)
         protected: list[bytes] = []
@@ -263,22 +263,24 @@ class Scripts:
 
     def _seal(
         self, session: Session, script: Script, keys: list[bytes], args: list[bytes], argv_at: int
-    ) -> bool:
-        """Encrypt the declared values that land in protected fields, in place."""
+    ) -> list[bytes] | None:
+        """`args` with the declared values that land in protected fields encrypted (a
+        copy: handlers leave their arguments as they came), or None when there are none."""
         if not 1 <= script.hash_key <= len(keys):
-            return False
+            return None
         key = keys[script.hash_key - 1]
         key_rules = self.rules.match_key(session.db, key)
         if key_rules is None:
-            return False
-        changed = False
+            return None
+        sealed: list[bytes] | None = None
         for f, v in declared_positions(script, len(args) - argv_at):
             name = args[argv_at + f]
             rule = key_rules.field_rule(name)
             if rule is not None:
-                args[argv_at + v] = self.crypt.seal(rule, key, name, args[argv_at + v])
-                changed = True
-        return changed
+                if sealed is None:
+                    sealed = args[:]
+                sealed[argv_at + v] = self.crypt.seal(rule, key, name, args[argv_at + v])
+        return sealed
 
     def _reply_transform(
         self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]

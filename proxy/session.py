@@ -85,7 +85,8 @@ class _Undecided:
 
 UNDECIDED: Final = _Undecided()
 Handler = Callable[["Session", list[bytes]], Outcome]
-"""Called with the request's arguments (name first); None means forward as is."""
+"""Called with the request's arguments (name first), which it must leave as they are
+(the reader may check the request against them afterwards); None means forward as is."""
 
 
 # --- What a pending reply goes through ---------------------------------------
@@ -408,9 +409,7 @@ class Session:
                 held = reader.held
                 if held is None or held[2] in STATEFUL or self._slow:
                     break
-                # A copy: a handler may rewrite its arguments in place, and next() checks
-                # the request as it came if its handler doesn't let it pass.
-                decided = dispatch[held[2]](self, held[3][:])
+                decided = dispatch[held[2]](self, held[3])
                 if decided is None:
                     entry = None
                 elif type(decided) is Forward and decided.request is None:

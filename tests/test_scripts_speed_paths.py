@@ -323,3 +323,37 @@ def test_with_the_cache_off_replies_are_opened_every_time(tmp_path: Path) -> Non
         assert proxy.reply(stored) == plain
     assert proxy.crypt.keyring.recall_reply is None
     assert proxy.crypt.counts["decrypted"] == 18
+
+
+# --- Handlers leave their arguments as they came -------------------------------------------
+
+
+def test_handlers_that_seal_values_leave_the_arguments_they_were_given(tmp_path: Path) -> None:
+    # The session checks a request against its arguments after its handler has run.
+    proxy = Proxy(
+        tmp_path,
+        scripts=[
+            {
+                "name": "set-if-missing",
+                "body_file": str(SET_IF_MISSING_FILE),
+                "hash_key": 1,
+                "field_values": [[1, 2], [3, 4]],
+            }
+        ],
+    )
+    dispatch = proxy.state.dispatch
+    sha = hashlib.sha1(SET_IF_MISSING_FILE.read_bytes()).hexdigest().encode()
+    calls = [
+        [b"HSET", b"iad:1", b"imap", b"imap-secret", b"name", b"ada"],
+        [b"HMSET", b"iad:1", b"smtp", b"smtp-secret"],
+        [b"HSETNX", b"iad:1", b"oauth2", b"token"],
+        [b"HSETEX", b"iad:1", b"EX", b"60", b"FIELDS", b"1", b"imap", b"imap-secret"],
+        [b"EVALSHA", sha, b"1", b"iad:2", b"imap", b"imap-2", b"imapSetBy", b"me"],
+        [b"EVAL", SET_IF_MISSING_FILE.read_bytes(), b"1", b"iad:3", b"imap", b"imap-3", b"m", b"x"],
+    ]
+    for args in calls:
+        given = list(args)
+        outcome = dispatch[args[0]](proxy.session, args)
+        assert args == given
+        assert outcome is not None and outcome.request is not None  # type: ignore[union-attr]
+        assert b"$fc1$" in outcome.request  # type: ignore[union-attr]
