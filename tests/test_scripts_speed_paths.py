@@ -26,6 +26,12 @@ SET_IF_MISSING_FILE = LUA / "set_if_missing.lua"
 LIST = b"return {1}"  # the body never runs here: Redis's replies are written by the tests
 LIST_SHA = hashlib.sha1(LIST).hexdigest().encode()
 PROTECTED = (b"imap", b"smtp", b"oauth2")
+SET_IF_MISSING = {  # declared by its body file
+    "name": "set-if-missing",
+    "body_file": str(SET_IF_MISSING_FILE),
+    "hash_key": 1,
+    "field_values": [[1, 2], [3, 4]],
+}
 
 
 class Proxy:
@@ -158,17 +164,7 @@ def test_a_call_is_decided_again_in_another_db(tmp_path: Path) -> None:
 def test_a_remembered_sha1_becomes_declared_once_script_load_shows_its_body(
     tmp_path: Path,
 ) -> None:
-    proxy = Proxy(
-        tmp_path,
-        scripts=[
-            {
-                "name": "set-if-missing",
-                "body_file": str(SET_IF_MISSING_FILE),
-                "hash_key": 1,
-                "field_values": [[1, 2], [3, 4]],
-            }
-        ],
-    )
+    proxy = Proxy(tmp_path, scripts=[SET_IF_MISSING])
     body = b"\n" + SET_IF_MISSING_FILE.read_bytes().strip() + b"\n\n"  # another SHA1
     sha = hashlib.sha1(body).hexdigest().encode()
     call = (b"EVALSHA", sha, b"1", b"iad:5", b"imap", b"imap-5", b"imapSetBy", b"me")
@@ -330,17 +326,7 @@ def test_with_the_cache_off_replies_are_opened_every_time(tmp_path: Path) -> Non
 
 def test_handlers_that_seal_values_leave_the_arguments_they_were_given(tmp_path: Path) -> None:
     # The session checks a request against its arguments after its handler has run.
-    proxy = Proxy(
-        tmp_path,
-        scripts=[
-            {
-                "name": "set-if-missing",
-                "body_file": str(SET_IF_MISSING_FILE),
-                "hash_key": 1,
-                "field_values": [[1, 2], [3, 4]],
-            }
-        ],
-    )
+    proxy = Proxy(tmp_path, scripts=[SET_IF_MISSING])
     dispatch = proxy.state.dispatch
     sha = hashlib.sha1(SET_IF_MISSING_FILE.read_bytes()).hexdigest().encode()
     calls = [
