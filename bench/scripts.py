@@ -1,6 +1,6 @@
 """Lua scripts through fieldcrypt: the cost of the script-reply check and of decryption.
 
-    python -m bench.scripts [--requests 20000] [--rounds 5]
+    python -m bench.scripts [--requests 20000] [--rounds 11]
     python -m bench.scripts --in-process    # µs per call through a Session, no sockets
 
 Targets (from the Lua scripts issue), measured in the same run, rounds interleaved:
@@ -161,7 +161,7 @@ def benchmark(port: int, requests: int, args: list[str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--out", default="bench/results/scripts.json")
     parser.add_argument(
         "--in-process", action="store_true", help="µs per call through a Session, no sockets"

@@ -180,10 +180,13 @@ class Scripts:
             except ValueError:
                 return None
         argv_at = 3 + numkeys
-        if argv_at < 3 or argv_at > len(args):
+        size = len(args)
+        if argv_at < 3 or argv_at > size:
             return None
         decision = (
-            self.decisions.get((session.db, *args[:argv_at]))
+            self.decisions.get(
+                (session.db, *args) if argv_at == size else (session.db, *args[:argv_at])
+            )
             if len(args[1]) <= MAX_DECIDED_BYTES  # a long EVAL body is never remembered
             else None
         )
