@@ -2,6 +2,7 @@
 
     python -m bench.scripts [--requests 20000] [--rounds 11]
     python -m bench.scripts --in-process    # µs per call through a Session, no sockets
+    python -m bench.scripts --instructions  # the same in instructions, counted by valgrind
 
 Targets (from the Lua scripts issue), measured in the same run, rounds interleaved:
 - EVALSHA of a small script whose reply holds no protected data, through fieldcrypt
@@ -20,7 +21,8 @@ Besides requests per second, each run reports the proxy's CPU time (user + syste
 
 --in-process feeds the same requests and replies through a Session built as the proxy
 builds it, with no sockets: the proxy's own cost per call, steadier than the end-to-end
-ratios on a shared machine.
+ratios on a shared machine. --instructions counts the CPU instructions of the same loop
+under valgrind's callgrind, which no other load on the machine changes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -166,9 +170,19 @@ def main() -> int:
     parser.add_argument(
         "--in-process", action="store_true", help="µs per call through a Session, no sockets"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instructions per call through a Session, counted by valgrind (noise-free)",
+    )
+    parser.add_argument("--loop", nargs=3, help=argparse.SUPPRESS)  # what --instructions runs
     args = parser.parse_args()
+    if args.loop:
+        return loop(int(args.loop[0]), args.loop[1] == "rules", int(args.loop[2]))
     if args.in_process:
         return in_process()
+    if args.instructions:
+        return instructions()
     binary = shutil.which("redis-server")
     if not binary or not shutil.which("redis-benchmark"):
         raise SystemExit(
@@ -264,9 +278,9 @@ def main() -> int:
     return 0
 
 
-def in_process(calls: int = 200, batches: int = 30) -> int:
-    """Each workload's request and reply through a Session with the dispatch the proxy
-    builds (rules) or none (passthrough), as Redis would answer; the best of `batches`."""
+def in_process_workloads() -> tuple[dict[str, tuple[bytes, list[bytes]]], Any]:
+    """Each workload's request and the replies Redis gives it in turn (its rows sealed as
+    the proxy with rules would store them), and the dispatch that proxy builds."""
     work = Path(tempfile.mkdtemp(prefix="fc-bench-scripts-"))
     try:
         (work / "key").write_text(generate_key())
@@ -291,7 +305,6 @@ def in_process(calls: int = 200, batches: int = 30) -> int:
         return hashlib.sha1(body.encode()).hexdigest().encode()
 
     accounts = [b"3", b"iad:1", b"iad:2", b"iad:3"]
-    # Each workload: the request, and the replies Redis gives it in turn.
     workloads: dict[str, tuple[bytes, list[bytes]]] = dict(
         zip(
             WORKLOADS,
@@ -313,26 +326,92 @@ def in_process(calls: int = 200, batches: int = 30) -> int:
         )
     )
     logging.getLogger("fieldcrypt").setLevel(logging.ERROR)  # the undeclared-script warning
+    return workloads, state.dispatch
+
+
+def run_calls(session: Session, request: bytes, replies: list[bytes], calls: int, turn: int) -> int:
+    """`calls` calls through the session, Redis answering with replies[turn:] in turn."""
+    to_redis, from_redis = session.client_data, session.upstream_data
+    for _ in range(calls):
+        to_redis(request)
+        from_redis(replies[turn % len(replies)])
+        turn += 1
+    return turn
+
+
+def in_process(calls: int = 200, batches: int = 30) -> int:
+    """Each workload through a Session with the dispatch the proxy builds (rules) or none
+    (passthrough); the best of `batches`."""
+    workloads, dispatch = in_process_workloads()
     print("| script | passthrough µs/call | with rules µs/call | added µs |")
     print("|---|--:|--:|--:|")
     for name, (request, replies) in workloads.items():
         costs = []
-        for dispatch in (base_dispatch(), state.dispatch):
+        for table in (base_dispatch(), dispatch):
             sent: list[bytes | bytearray] = []
-            session = Session(dispatch, lambda data: None, sent.append)
+            session = Session(table, lambda data: None, sent.append)
             best = float("inf")
             turn = 0
             for _ in range(batches):
                 started = time.perf_counter()
-                for _ in range(calls):
-                    session.client_data(request)
-                    session.upstream_data(replies[turn % len(replies)])
-                    turn += 1
+                turn = run_calls(session, request, replies, calls, turn)
                 best = min(best, (time.perf_counter() - started) / calls)
             costs.append(best * 1e6)
-            if dispatch is state.dispatch and b"$fc1$" in replies[0]:
+            if table is dispatch and b"$fc1$" in replies[0]:
                 assert b"$fc1$" not in sent[-1], "the reply was not decrypted"
         print(f"| {name} | {costs[0]:.1f} | {costs[1]:.1f} | {costs[1] - costs[0]:.1f} |")
+    return 0
+
+
+def loop(workload: int, rules: bool, calls: int) -> int:
+    """What --instructions runs under callgrind: 300 calls to warm up, then `calls`."""
+    workloads, dispatch = in_process_workloads()
+    request, replies = workloads[WORKLOADS[workload]]
+    session = Session(dispatch if rules else base_dispatch(), lambda d: None, lambda d: None)
+    run_calls(session, request, replies, calls, run_calls(session, request, replies, 300, 0))
+    return 0
+
+
+def instructions(calls: int = 1000) -> int:
+    """CPU instructions per call in process, counted by valgrind's callgrind: the same on
+    every run, whatever else the machine does. A run of `calls` and one of 3 x `calls`
+    are counted, so start-up cancels out."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install valgrind")
+
+    def counted(workload: int, rules: bool, n: int) -> int:
+        done = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                "-m",
+                "bench.scripts",
+                "--loop",
+                str(workload),
+                "rules" if rules else "passthrough",
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"callgrind gave no count: {done.stderr.strip()[-300:]}")
+        return int(found.group(1))
+
+    print("| script | passthrough instructions/call | with rules | ratio |")
+    print("|---|--:|--:|--:|")
+    for number, name in enumerate(WORKLOADS):
+        per_call = []
+        for rules in (False, True):
+            per_call.append(
+                (counted(number, rules, 3 * calls) - counted(number, rules, calls)) / (2 * calls)
+            )
+        base, rules = per_call
+        print(f"| {name} | {base:,.0f} | {rules:,.0f} | {base / rules:.2f}x |")
     return 0
 
 
