@@ -449,7 +449,7 @@ class ClusterClient(asyncio.Protocol):
                     break
                 start, end, name, args = request
                 raw = None if reader.inline else bytes(reader.buffer[start:end])
-                self._count(name)
+                resp.count_name(self.state.command_counts, name)
                 self._request(name, args, raw)
         except resp.ProtocolError as error:
             self._local(resp.error_reply(f"ERR {error}"))
@@ -460,14 +460,6 @@ class ClusterClient(asyncio.Protocol):
             return
         reader.compact()
         self.flush()
-
-    def _count(self, name: bytes) -> None:
-        counts = self.state.command_counts
-        seen = counts.get(name)
-        if seen is not None:
-            counts[name] = seen + 1
-        elif len(counts) < 512:
-            counts[name] = 1
 
     def pause_writing(self) -> None:
         self.paused_upstream = True

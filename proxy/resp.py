@@ -448,6 +448,16 @@ def _encoded_size(args: list[bytes]) -> int | None:
     return size
 
 
+def count_name(counts: Counter[bytes], name: bytes) -> None:
+    """Add one request named `name` to `counts`, which keeps at most MAX_COUNTED_NAMES
+    names."""
+    seen = counts.get(name)
+    if seen is not None:
+        counts[name] = seen + 1
+    elif len(counts) < MAX_COUNTED_NAMES:
+        counts[name] = 1
+
+
 def count_names(counts: Counter[bytes], requests: list[list[bytes]]) -> None:
     """Add the requests' names (as sent, in any case) to `counts`, which keeps at most
     MAX_COUNTED_NAMES names: a client sending made-up names cannot grow it."""

@@ -418,12 +418,7 @@ class Session:
                     break  # answered here, or rewritten: the loop below places it
                 decided = UNDECIDED
                 reader.pass_held()
-                sent_as = held[3][0]
-                seen = counts.get(sent_as)
-                if seen is not None:
-                    counts[sent_as] = seen + 1
-                elif len(counts) < MAX_COUNTED_NAMES:
-                    counts[sent_as] = 1
+                resp.count_name(counts, held[3][0])  # as sent, like take_plain
                 if entry is None:
                     untouched += 1
                 else:
@@ -457,11 +452,7 @@ class Session:
                     break
                 start, end, name, args = request
                 count += 1
-                seen = counts.get(name)
-                if seen is not None:
-                    counts[name] = seen + 1
-                elif len(counts) < MAX_COUNTED_NAMES:
-                    counts[name] = 1
+                resp.count_name(counts, name)
                 if not self._slow and name not in dispatch and not reader.inline:
                     self._expect_plain(1)
                     continue
@@ -916,7 +907,6 @@ class Session:
 SAMPLE_EVERY: Final = 16  # one request in this many is timed for the latency histogram
 MARKER_SCAN: Final = 64 * 1024  # most bytes searched at once for a transform's marker
 SAMPLE_QUEUE_LIMIT: Final = 16  # none is timed while this many replies or runs are due
-MAX_COUNTED_NAMES: Final = resp.MAX_COUNTED_NAMES
 OPEN_COMMANDS: Final = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})  # allowed before AUTH
 
 MULTI_CONTROL: Final = frozenset({b"MULTI", b"EXEC", b"DISCARD", b"WATCH", b"RESET", b"QUIT"})
