@@ -27,7 +27,7 @@ import hiredis
 from proxy import resp
 from proxy.commands import FieldCrypt, display_name
 from proxy.config import Script
-from proxy.crypto import HEADER_PREFIX, MODE_KEY, DecryptError
+from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, HEADER_PREFIX, MODE_KEY, DecryptError
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
@@ -425,7 +425,9 @@ class _ScriptReply:
         crypt = self.crypt
         keyring = crypt.keyring
         recall = keyring.recall_reply
-        if recall is not None:  # the same reply to the same call, opened before
+        if recall is not None and len(frame) <= DECRYPT_CACHE_MAX_REPLY:
+            # The same reply to the same call, opened before (larger ones are never kept,
+            # and hashing them would cost more than it could save).
             known = recall((frame, self.context))
             if known is not None:
                 crypt.counts["decrypted"] += known[1]

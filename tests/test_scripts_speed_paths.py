@@ -16,7 +16,7 @@ import yaml
 from proxy import resp
 from proxy.app import build_state
 from proxy.config import load_settings
-from proxy.crypto import generate_key
+from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, generate_key
 from proxy.scripts import MAX_DECISIONS, ScriptBook
 from proxy.server import ProxyState
 from proxy.session import Session
@@ -343,3 +343,15 @@ def test_handlers_that_seal_values_leave_the_arguments_they_were_given(tmp_path:
         assert args == given
         assert outcome is not None and outcome.request is not None  # type: ignore[union-attr]
         assert b"$fc1$" in outcome.request  # type: ignore[union-attr]
+
+
+def test_a_reply_over_the_size_bound_is_opened_every_time_and_never_kept(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path)
+    imap = proxy.seal(b"imap-secret", b"imap")
+    big = b"n" * (DECRYPT_CACHE_MAX_REPLY + 1)
+    for round_number in (1, 2):
+        proxy.send(b"EVALSHA", LIST_SHA, b"1", b"iad:1")
+        got = proxy.reply(bulks(b"imap", imap, b"notes", big))
+        assert got == bulks(b"imap", b"imap-secret", b"notes", big)
+        assert proxy.crypt.counts["decrypted"] == round_number
+    assert not proxy.crypt.keyring._replies
