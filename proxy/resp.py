@@ -738,10 +738,7 @@ class ReplyReader:
             self._stack = []
             self._need = 0
             return self.next()
-        if end == len(buf):  # hiredis has read it all
-            self._counter = None
-            self._spare = counter
-        return end
+        return end  # before the buffer's end: hiredis holds the bytes after it
 
     def _settle(self) -> None:
         """Leave counting: move `pos` past the replies hiredis counted."""
