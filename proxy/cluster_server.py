@@ -311,7 +311,7 @@ def _is_resp2_pubsub(frame: bytes) -> bool:
         frame.startswith(b"*3\r\n$7\r\nmessage\r\n")
         or frame.startswith(b"*4\r\n$8\r\npmessage\r\n")
         or frame.startswith(b"*3\r\n$8\r\nsmessage\r\n")
-        or (frame.startswith(b"*3\r\n$") and b"subscribe\r\n" in frame[:24])
+        or (frame.startswith(b"*3\r\n$") and frame.find(b"subscribe\r\n", 0, 24) >= 0)
     )
 
 

@@ -420,7 +420,7 @@ class _ScriptReply:
         self._context: bytes | None = None
 
     def transform(self, session: Session, frame: bytes) -> bytes:
-        if HEADER_PREFIX not in frame:
+        if frame.find(HEADER_PREFIX) < 0:
             return frame  # the common case: nothing protected in this reply
         crypt = self.crypt
         keyring = crypt.keyring

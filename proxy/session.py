@@ -311,13 +311,15 @@ def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
         buf.startswith(b"*3\r\n$7\r\nmessage\r\n", start)
         or buf.startswith(b"*4\r\n$8\r\npmessage\r\n", start)
         or buf.startswith(b"*3\r\n$8\r\nsmessage\r\n", start)
-        or (buf.startswith(b"*3\r\n$", start) and b"subscribe\r\n" in buf[start : start + 24])
+        or (
+            buf.startswith(b"*3\r\n$", start) and buf.find(b"subscribe\r\n", start, start + 24) >= 0
+        )
     )
 
 
 def pubsub_confirmation(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
     """(kind, channel, count) of a subscribe-family confirmation, else None."""
-    if b"subscribe\r\n" not in frame[:24]:
+    if frame.find(b"subscribe\r\n", 0, 24) < 0:
         return None
     try:
         value, _ = resp.decode(frame)
@@ -708,7 +710,7 @@ class Session:
             marker = first.only_with if type(first) is TransformEntry else None
             if type(first) is int or (
                 # a transform with nothing to do in this read passes like a plain reply
-                marker is not None and len(data) <= MARKER_SCAN and marker not in data
+                marker is not None and len(data) <= MARKER_SCAN and data.find(marker) < 0
             ):
                 n = first if type(first) is int else 1
                 done = reader.count(n)
@@ -832,7 +834,7 @@ class Session:
 
     def _on_push(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A subscribe-family confirmation settles its request and updates the subscriptions."""
-        if b"subscribe\r\n" not in buf[start : min(end, start + 24)]:
+        if buf.find(b"subscribe\r\n", start, min(end, start + 24)) < 0:
             return  # a message, not a confirmation: no need to copy it
         head = pubsub_confirmation(bytes(buf[start:end]))
         if head is None:
