@@ -42,7 +42,7 @@ def request_streams(draw: st.DrawFn) -> list[tuple[bytes, bytes] | bytes]:
     """Array requests as (bytes, what goes upstream), inline ones, and skipped bytes."""
     items: list[tuple[bytes, bytes] | bytes] = []
     for _ in range(draw(st.integers(1, 24))):
-        kind = draw(st.sampled_from(["array"] * 6 + ["inline", "skipped"]))
+        kind = draw(st.sampled_from(["array"] * 6 + ["inline", "skipped", "aggregate-like"]))
         if kind == "array":
             args = [draw(NAMES), *draw(st.lists(VALUE, max_size=3))]
             request = encode_request(args)
@@ -51,6 +51,13 @@ def request_streams(draw: st.DrawFn) -> list[tuple[bytes, bytes] | bytes]:
             words = draw(st.lists(INLINE_WORD, max_size=2))
             args = [b"ECHO", *[word.encode() for word in words]]
             items.append((b" ".join(args) + b"\r\n", encode_request(args)))
+        elif kind == "aggregate-like":
+            # Lines that hiredis would read as one set or attribute of bulk strings, and
+            # Redis reads as inline commands, one per line.
+            words = draw(st.lists(st.sampled_from([b"PING", b"GET"]), min_size=1, max_size=2))
+            head = draw(st.sampled_from([b"~", b"|"])) + b"%d" % len(words)
+            lines = [head, *(part for word in words for part in (b"$%d" % len(word), word))]
+            items += [(line + b"\r\n", encode_request([line])) for line in lines]
         else:
             items.append(draw(SKIPPED))
     return items
