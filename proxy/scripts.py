@@ -36,7 +36,8 @@ MAX_LEARNED: Final = 10_000  # script bodies remembered; a bound, not a working 
 MAX_DECISIONS: Final = 1024  # calls of undeclared scripts remembered
 MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out every time
 MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
-_NUMKEYS: Final = {b"%d" % n: n for n in range(MAX_DECIDED_KEYS + 1)}  # numkeys as sent
+# numkeys as sent -> where ARGV starts in the arguments, for calls that may be remembered
+_ARGV_AT: Final = {b"%d" % n: 3 + n for n in range(MAX_DECIDED_KEYS + 1)}
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -144,10 +145,10 @@ class Scripts:
         self.book = book
         self.refuse = policy == "refuse"
         self.rules = crypt.rules
-        # (db, command, body/SHA1/function, numkeys, *KEYS) -> its decision, for calls
+        # (db, (command, body/SHA1/function, numkeys, *KEYS)) -> its decision, for calls
         # of undeclared scripts: these depend on nothing else (the book only grows, and
         # a learned declaration clears them), so a repeated call is one lookup.
-        self.decisions: dict[tuple[int | bytes, ...], _Decision] = {}
+        self.decisions: dict[tuple[int, tuple[bytes, ...]], _Decision] = {}
 
     def handlers(self) -> dict[bytes, Handler]:
         handlers: dict[bytes, Handler] = dict.fromkeys(SCRIPT_COMMANDS, self.call)
@@ -171,30 +172,31 @@ class Scripts:
         return sha1
 
     def call(self, session: Session, args: list[bytes]) -> Outcome:
-        if len(args) < 3:
-            return None
-        numkeys = _NUMKEYS.get(args[2])
-        if numkeys is None:
-            try:
-                numkeys = int(args[2])
-            except ValueError:
-                return None
-        argv_at = 3 + numkeys
         size = len(args)
-        if argv_at < 3 or argv_at > size:
-            return None
-        decision = (
-            self.decisions.get(
-                (session.db, *args) if argv_at == size else (session.db, *args[:argv_at])
-            )
-            if len(args[1]) <= MAX_DECIDED_BYTES  # a long EVAL body is never remembered
-            else None
+        argv_at = _ARGV_AT.get(args[2]) if size > 2 else None
+        if argv_at is None or argv_at > size or len(args[1]) > MAX_DECIDED_BYTES:
+            return self._call_unusual(session, args)
+        # A call of an undeclared script, seen before: one lookup.
+        decision = self.decisions.get(
+            (session.db, tuple(args) if argv_at == size else tuple(args[:argv_at]))
         )
         if decision is None:
             return self._decide(session, args, argv_at)
         if decision.record is not None:
             self.book.record(decision.ident, decision.record)
         return decision.outcome
+
+    def _call_unusual(self, session: Session, args: list[bytes]) -> Outcome:
+        """A call with many KEYS, a long EVAL body, or numkeys Redis refuses."""
+        if len(args) < 3:
+            return None
+        try:
+            argv_at = 3 + int(args[2])
+        except ValueError:
+            return None
+        if argv_at < 3 or argv_at > len(args):
+            return None  # Redis answers the error
+        return self._decide(session, args, argv_at)
 
     def _decide(self, session: Session, args: list[bytes], argv_at: int) -> Outcome:
         """A call's outcome, worked out in full; remembered for undeclared scripts."""
@@ -249,7 +251,7 @@ class Scripts:
             decisions = self.decisions
             if len(decisions) >= MAX_DECISIONS:
                 decisions.clear()
-            decisions[(db, *args[:argv_at])] = _Decision(
+            decisions[(db, tuple(args[:argv_at]))] = _Decision(
                 outcome, ident, protected[0] if protected else None
             )
         return outcome
