@@ -17,7 +17,7 @@ from proxy import resp
 from proxy.app import build_state
 from proxy.config import load_settings
 from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, generate_key
-from proxy.scripts import MAX_DECISIONS, ScriptBook
+from proxy.scripts import MAX_DECIDED_BYTES, MAX_DECIDED_KEYS, MAX_DECISIONS, ScriptBook
 from proxy.server import ProxyState
 from proxy.session import Session
 
@@ -179,6 +179,41 @@ def test_a_remembered_sha1_becomes_declared_once_script_load_shows_its_body(
     assert proxy.calls(sha) == 2
     assert b"imap-5" not in sent and b"$fc1$" in sent  # declared now: sealed
     assert b"imapSetBy" in sent and b"me" in sent
+
+
+def test_calls_with_many_keys_or_a_long_body_are_decided_every_time_and_never_kept(
+    tmp_path: Path,
+) -> None:
+    proxy = Proxy(tmp_path, script_policy="refuse")
+    keys = [b"session:%d" % n for n in range(MAX_DECIDED_KEYS)] + [b"iad:1"]
+    long_body = b"return 1 --" + b"x" * MAX_DECIDED_BYTES
+    for _ in range(2):
+        assert proxy.send(b"EVALSHA", LIST_SHA, b"%d" % len(keys), *keys) == b""
+        assert b"protected key 'iad:1'" in proxy.answered()
+        assert proxy.send(b"EVAL", long_body, b"1", b"iad:1") == b""
+        assert b"protected key 'iad:1'" in proxy.answered()
+    scripts = proxy.state.dispatch[b"EVALSHA"].__self__  # type: ignore[attr-defined]
+
+    assert proxy.calls(LIST_SHA) == 2
+    assert proxy.calls(hashlib.sha1(long_body).hexdigest().encode()) == 2
+    assert scripts.decisions == {}
+
+
+@pytest.mark.parametrize("numkeys", [b"-1", b"x", b"3", b"1.0", b"99999999999999999999"])
+def test_a_numkeys_redis_refuses_goes_up_as_it_came_and_is_not_recorded(
+    tmp_path: Path, numkeys: bytes
+) -> None:
+    proxy = Proxy(tmp_path, script_policy="refuse")
+    call = (b"EVALSHA", LIST_SHA, numkeys, b"iad:1", b"iad:2")
+
+    assert proxy.send(*call) == resp.encode_request(list(call))  # Redis answers the error
+    assert proxy.calls(LIST_SHA) == 0
+
+
+def test_a_call_without_numkeys_goes_up_as_it_came(tmp_path: Path) -> None:
+    proxy = Proxy(tmp_path, script_policy="refuse")
+    for call in ((b"EVALSHA", LIST_SHA), (b"FCALL",)):
+        assert proxy.send(*call) == resp.encode_request(list(call))
 
 
 def test_decisions_stay_bounded(tmp_path: Path) -> None:
