@@ -1,8 +1,8 @@
 """Lua scripts through fieldcrypt: the cost of the script-reply check and of decryption.
 
-    python -m bench.scripts [--requests 20000] [--rounds 11]
+    python -m bench.scripts [--requests 20000] [--rounds 31] [--only TEXT]
     python -m bench.scripts --in-process    # µs per call through a Session, no sockets
-    python -m bench.scripts --instructions  # the same in instructions, counted by valgrind
+    python -m bench.scripts --instructions  # instructions per call of the real proxy process
 
 Targets (from the Lua scripts issue), measured in the same run, rounds interleaved:
 - EVALSHA of a small script whose reply holds no protected data, through fieldcrypt
@@ -16,13 +16,18 @@ none is answered from the whole replies the key ring remembers, shows the cost o
 opening a reply value by value (reported; the issue sets no target for it).
 redis-benchmark, 50 clients, pipeline 1. Everything on 127.0.0.1. Each proxy gets a
 warm-up run per workload first, and the order of the two alternates from round to round.
-Besides requests per second, each run reports the proxy's CPU time per call (the scheduler's
-nanoseconds, /proc/PID/schedstat): on this shared 2-core machine it moves less than throughput does.
+
+On a shared 2-core machine one round's ratio moves by +-0.15 or more (an A/A run of
+two identical proxies does the same), so the table gives the median of the per-round
+ratios with a distribution-free 95% interval for it (order statistics), and the proxy's
+CPU time per call (the scheduler's nanoseconds, /proc/PID/schedstat).
 
 --in-process feeds the same requests and replies through a Session built as the proxy
-builds it, with no sockets: the proxy's own cost per call, steadier than the end-to-end
-ratios on a shared machine. --instructions counts the CPU instructions of the same loop
-under valgrind's callgrind, which no other load on the machine changes.
+builds it, with no sockets: the session's own cost per call. --instructions runs each
+proxy under valgrind's callgrind while redis-benchmark drives it and counts the
+instructions of the whole process per call (shell, event loop, session): the same on
+every run, whatever else the machine does; the kernel's share (the same reads and
+writes for both proxies) is not in it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import shutil
 import statistics
@@ -88,10 +94,13 @@ def start_proxy(
     config: Path | None,
     upstream_url: str | None = None,
     env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
+    timeout: float = 20,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """fieldcrypt on a free port, once it answers PING."""
+    """fieldcrypt on a free port (run by `wrapper`, if any), once it answers PING."""
     port = free_port()
     command = [
+        *wrapper,
         sys.executable,
         "-m",
         "proxy.cli",
@@ -107,7 +116,7 @@ def start_proxy(
         command += ["--config", str(config)]
     process = subprocess.Popen(command, env=env)
     client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             client.ping()
@@ -161,13 +170,60 @@ def benchmark(port: int, requests: int, args: list[str]) -> float:
     return float(rows[0]["rps"])
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of `values`: between the k-th smallest
+    and the k-th largest, k the largest for which the binomial tails leave at least
+    `confidence` between them."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k, below = 0, 0.0  # below: P(fewer than k+1 of n fall under the median)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if 1 - 2 * below < confidence:
+            break
+        k += 1
+    return ordered[max(k - 1, 0)], ordered[n - max(k, 1)]
+
+
+def prepare(work: Path, server: EmbeddedServer) -> tuple[Path, dict[str, list[str]]]:
+    """The config with rules, and each workload's command, its data written through a
+    proxy with rules (so the protected fields are stored encrypted) and its script loaded."""
+    (work / "key").write_text(generate_key())
+    config = work / "fieldcrypt.yaml"
+    config.write_text(f"keys:\n  - secret_file: {work / 'key'}\n" + RULES)
+    process, port = start_proxy(server.port, config)
+    try:
+        through_rules = redis.Redis(port=port)
+        for i in range(1, 4):
+            through_rules.hset(f"iad:{i}", mapping=account(i))  # type: ignore[arg-type]
+        through_rules.set("plain", "x" * 64)
+        small, listing, changing = (
+            through_rules.script_load(body) for body in (SMALL, LIST, LIST_CHANGING)
+        )
+    finally:
+        process.terminate()
+        process.wait(10)
+    accounts = ["3", "iad:1", "iad:2", "iad:3"]
+    commands = (
+        ["evalsha", small, "1", "plain"],
+        ["evalsha", listing, *accounts],
+        ["evalsha", changing, *accounts],
+    )
+    return config, dict(zip(WORKLOADS, commands, strict=True))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--out", default="bench/results/scripts.json")
     parser.add_argument(
         "--only", default="", help="run only the workloads whose name holds this text"
+    )
+    parser.add_argument(
+        "--aa",
+        action="store_true",
+        help="an A/A run: the second proxy has no rules either, so the ratios show the noise",
     )
     parser.add_argument(
         "--in-process", action="store_true", help="µs per call through a Session, no sockets"
@@ -175,109 +231,108 @@ def main() -> int:
     parser.add_argument(
         "--instructions",
         action="store_true",
-        help="instructions per call through a Session, counted by valgrind (noise-free)",
+        help="instructions per call of the real proxy process, counted by valgrind",
     )
-    parser.add_argument("--loop", nargs=3, help=argparse.SUPPRESS)  # what --instructions runs
     args = parser.parse_args()
-    if args.loop:
-        return loop(int(args.loop[0]), args.loop[1] == "rules", int(args.loop[2]))
     if args.in_process:
         return in_process()
-    if args.instructions:
-        return instructions()
     binary = shutil.which("redis-server")
     if not binary or not shutil.which("redis-benchmark"):
         raise SystemExit(
             "redis-server and redis-benchmark are needed: apt-get install redis-server"
         )
     work = Path(tempfile.mkdtemp(prefix="fc-bench-scripts-"))
-    (work / "key").write_text(generate_key())
-    config = work / "fieldcrypt.yaml"
-    config.write_text(f"keys:\n  - secret_file: {work / 'key'}\n" + RULES)
     server = EmbeddedServer(binary)
     server.start()
+    try:
+        config, workloads = prepare(work, server)
+        workloads = {name: command for name, command in workloads.items() if args.only in name}
+        if args.instructions:
+            return instructions(server, config, workloads, work)
+        return throughput(
+            server,
+            None if args.aa else config,
+            workloads,
+            args.requests,
+            args.rounds,
+            Path(args.out),
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def throughput(
+    server: EmbeddedServer,
+    config: Path | None,
+    workloads: dict[str, list[str]],
+    requests: int,
+    rounds: int,
+    out: Path,
+) -> int:
+    """The two proxies, interleaved rounds of every workload; the table and its JSON. With
+    no `config`, the second proxy is a passthrough one too (an A/A run)."""
     proxies: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     try:
         proxies["passthrough"] = start_proxy(server.port, None)
         proxies["rules"] = start_proxy(server.port, config)
-        through_rules = redis.Redis(port=proxies["rules"][1])
-        for i in range(1, 4):  # written through the proxy with rules: stored encrypted
-            through_rules.hset(f"iad:{i}", mapping=account(i))  # type: ignore[arg-type]
-        through_rules.set("plain", "x" * 64)
-        small = through_rules.script_load(SMALL)
-        listing = through_rules.script_load(LIST)
-        changing = through_rules.script_load(LIST_CHANGING)
-        accounts = ["3", "iad:1", "iad:2", "iad:3"]
-        workloads = dict(
-            zip(
-                WORKLOADS,
-                (
-                    ["evalsha", small, "1", "plain"],
-                    ["evalsha", listing, *accounts],
-                    ["evalsha", changing, *accounts],
-                ),
-                strict=True,
-            )
-        )
-        workloads = {name: command for name, command in workloads.items() if args.only in name}
         runs: dict[str, dict[str, list[tuple[float, float]]]] = {
             name: {"passthrough": [], "rules": []} for name in workloads
         }
         for command in workloads.values():  # connections, caches and decisions warm
             for proxy in proxies.values():
-                measured(proxy, max(args.requests // 10, 1000), command)
-        for round_number in range(args.rounds):
+                measured(proxy, max(requests // 10, 1000), command)
+        for round_number in range(rounds):
             order = ["passthrough", "rules"]
             if round_number % 2:  # rules first every other round: drift cancels out
                 order.reverse()
             for name, command in workloads.items():
                 for which in order:
-                    runs[name][which].append(measured(proxies[which], args.requests, command))
+                    runs[name][which].append(measured(proxies[which], requests, command))
             print(f"round {round_number + 1} done", flush=True)
-        results = {}
-        print(
-            "| script | passthrough req/s | with rules req/s | ratio | target "
-            "| proxy CPU µs/call, passthrough / rules |"
-        )
-        print("|---|--:|--:|--:|---|--:|")
-        for name in workloads:
-            base, rules = runs[name]["passthrough"], runs[name]["rules"]
-            ratios = [r[0] / b[0] for b, r in zip(base, rules, strict=True)]
-            ratio = statistics.median(ratios)
-            base_cpu = statistics.median(b[1] for b in base)
-            rules_cpu = statistics.median(r[1] for r in rules)
-            target = TARGETS.get(name)
-            verdict = (
-                "reported"
-                if target is None
-                else f">= {target}x: {'met' if ratio >= target else 'not met'}"
-            )
-            print(
-                f"| {name} | {statistics.median(b[0] for b in base):,.0f} "
-                f"| {statistics.median(r[0] for r in rules):,.0f} | {ratio:.2f}x | {verdict} "
-                f"| {base_cpu:.1f} / {rules_cpu:.1f} |"
-            )
-            results[name] = {
-                "passthrough_rps": statistics.median(b[0] for b in base),
-                "rules_rps": statistics.median(r[0] for r in rules),
-                "ratio": round(ratio, 3),
-                "target": target,
-                "met": None if target is None else ratio >= target,
-                "ratios_by_round": [round(r, 3) for r in ratios],
-                "proxy_cpu_us_per_call": {
-                    "passthrough": round(base_cpu, 2),
-                    "rules": round(rules_cpu, 2),
-                },
-            }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
     finally:
         for process, _ in proxies.values():
             process.terminate()
             process.wait(10)
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    results = {}
+    print(
+        "| script | passthrough req/s | with rules req/s | ratio (median) | 95% interval "
+        "| target | proxy CPU µs/call, passthrough / rules |"
+    )
+    print("|---|--:|--:|--:|--:|---|--:|")
+    for name in workloads:
+        base, rules = runs[name]["passthrough"], runs[name]["rules"]
+        ratios = [r[0] / b[0] for b, r in zip(base, rules, strict=True)]
+        ratio = statistics.median(ratios)
+        low, high = median_interval(ratios)
+        base_cpu = statistics.median(b[1] for b in base)
+        rules_cpu = statistics.median(r[1] for r in rules)
+        target = TARGETS.get(name)
+        verdict = (
+            "reported"
+            if target is None
+            else f">= {target}x: {'met' if ratio >= target else 'not met'}"
+        )
+        print(
+            f"| {name} | {statistics.median(b[0] for b in base):,.0f} "
+            f"| {statistics.median(r[0] for r in rules):,.0f} | {ratio:.2f}x "
+            f"| {low:.2f} to {high:.2f} | {verdict} | {base_cpu:.1f} / {rules_cpu:.1f} |"
+        )
+        results[name] = {
+            "passthrough_rps": statistics.median(b[0] for b in base),
+            "rules_rps": statistics.median(r[0] for r in rules),
+            "ratio": round(ratio, 3),
+            "ratio_interval_95": [round(low, 3), round(high, 3)],
+            "target": target,
+            "met": None if target is None else ratio >= target,
+            "ratios_by_round": [round(r, 3) for r in ratios],
+            "proxy_cpu_us_per_call": {
+                "passthrough": round(base_cpu, 2),
+                "rules": round(rules_cpu, 2),
+            },
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -366,56 +421,61 @@ def in_process(calls: int = 200, batches: int = 30) -> int:
     return 0
 
 
-def loop(workload: int, rules: bool, calls: int) -> int:
-    """What --instructions runs under callgrind: 300 calls to warm up, then `calls`."""
-    workloads, dispatch = in_process_workloads()
-    request, replies = workloads[WORKLOADS[workload]]
-    session = Session(dispatch if rules else base_dispatch(), lambda d: None, lambda d: None)
-    run_calls(session, request, replies, calls, run_calls(session, request, replies, 300, 0))
-    return 0
-
-
-def instructions(calls: int = 1000) -> int:
-    """CPU instructions per call in process, counted by valgrind's callgrind: the same on
-    every run, whatever else the machine does. A run of `calls` and one of 3 x `calls`
-    are counted, so start-up cancels out."""
-    if not shutil.which("valgrind"):
+def instructions(
+    server: EmbeddedServer,
+    config: Path,
+    workloads: dict[str, list[str]],
+    work: Path,
+    calls: int = 1000,
+) -> int:
+    """CPU instructions per call of the real proxy process (shell, event loop and session),
+    counted by valgrind's callgrind while redis-benchmark drives it: the same on every
+    run, whatever else the machine does. Counters are zeroed after a warm-up; a run of
+    `calls` and one of 3 x `calls` are counted, so connecting and start-up cancel out.
+    The kernel's share (the same reads and writes for both) is not counted."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("--instructions needs valgrind: apt-get install valgrind")
-
-    def counted(workload: int, rules: bool, n: int) -> int:
-        done = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                "-m",
-                "bench.scripts",
-                "--loop",
-                str(workload),
-                "rules" if rules else "passthrough",
-                str(n),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        found = re.search(r"Collected : (\d+)", done.stderr)
-        if found is None:
-            raise SystemExit(f"callgrind gave no count: {done.stderr.strip()[-300:]}")
-        return int(found.group(1))
-
+    counts: dict[str, dict[str, float]] = {name: {} for name in workloads}
+    for which, proxy_config in (("passthrough", None), ("rules", config)):
+        dumps = work / f"callgrind-{which}"
+        wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={dumps}")
+        process, port = start_proxy(server.port, proxy_config, wrapper=wrapper, timeout=120)
+        try:
+            for name, command in workloads.items():
+                benchmark(port, calls, command)  # warm-up
+                more, fewer = (
+                    counted(process.pid, port, dumps, n, command) for n in (3 * calls, calls)
+                )
+                counts[name][which] = (more - fewer) / (2 * calls)
+        finally:
+            process.terminate()
+            process.wait(60)
     print("| script | passthrough instructions/call | with rules | ratio |")
     print("|---|--:|--:|--:|")
-    for number, name in enumerate(WORKLOADS):
-        per_call = []
-        for rules in (False, True):
-            per_call.append(
-                (counted(number, rules, 3 * calls) - counted(number, rules, calls)) / (2 * calls)
-            )
-        base, rules = per_call
+    for name, per_call in counts.items():
+        base, rules = per_call["passthrough"], per_call["rules"]
         print(f"| {name} | {base:,.0f} | {rules:,.0f} | {base / rules:.2f}x |")
     return 0
+
+
+def counted(pid: int, port: int, dumps: Path, calls: int, command: list[str]) -> int:
+    """Instructions the proxy under callgrind ran for `calls` calls of `command`."""
+    control("-z", pid)
+    benchmark(port, calls, command)
+    before = set(dumps.parent.glob(f"{dumps.name}.*"))
+    control("-d", pid)
+    (dump,) = set(dumps.parent.glob(f"{dumps.name}.*")) - before
+    found = re.search(rb"^summary: (\d+)$", dump.read_bytes(), re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"callgrind wrote no summary in {dump}")
+    return int(found.group(1))
+
+
+def control(option: str, pid: int) -> None:
+    """callgrind_control on the proxy: -z zeroes its counters, -d dumps them to a file."""
+    subprocess.run(
+        ["callgrind_control", option, str(pid)], check=True, capture_output=True, timeout=120
+    )
 
 
 if __name__ == "__main__":
