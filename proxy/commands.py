@@ -46,7 +46,9 @@ class FieldCrypt:
         self.rules = rules
         self.keyring = keyring
         self.raw_on_error = on_decrypt_error == "raw"
-        self.counts: Counter[str] = Counter()
+        # A plain dict, counted per protected value (CPython 3.11 can't specialise lookups
+        # on a Counter); failures are rare and keyed by reason.
+        self.counts: dict[str, int] = dict.fromkeys(("encrypted", "decrypted", "cleartext read"), 0)
         self.failures: Counter[str] = Counter()
         self._field_globs = [Glob(f.encode()) for rule in rules.rules for f in rule.fields]
         self._field_rule_memo: dict[KeyRules, dict[bytes, Rule | None]] = {}

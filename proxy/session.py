@@ -17,7 +17,7 @@ edit here.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -348,7 +348,7 @@ class Session:
         db: int = 0,
         handshake: list[tuple[str, list[bytes]]] | None = None,
         max_request: int = resp.PROTO_MAX_BULK_LEN + 1024,
-        command_counts: Counter[bytes] | None = None,
+        command_counts: dict[bytes, int] | None = None,
         observe_latency: Callable[[float], None] | None = None,
         locked: bool = False,
     ) -> None:
@@ -377,7 +377,7 @@ class Session:
         self.closing: str | None = None  # why the session ends once its replies are out
         self.failed: str | None = None  # an error that ends the session now
         self.commands = 0
-        self.command_counts = command_counts if command_counts is not None else Counter()
+        self.command_counts = command_counts if command_counts is not None else {}
         self.observe_latency = observe_latency or (lambda seconds: None)
         self._sample = SAMPLE_EVERY  # time one request in SAMPLE_EVERY
         self.requires_auth = locked
