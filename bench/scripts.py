@@ -111,7 +111,7 @@ def start_proxy(
         "--upstream",
         upstream_url or f"redis://127.0.0.1:{upstream}",
         "--log-level",
-        "warning",
+        "error",  # not the start-up warnings of a proxy started every round
     ]
     if config is not None:
         command += ["--config", str(config)]
