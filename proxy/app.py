@@ -77,10 +77,7 @@ def build_handlers_for(settings: Settings) -> Built:
     handlers = dict(build_handlers(crypt))
     book = None
     if crypt is not None and not crypt.rules.is_empty:
-        try:
-            book = ScriptBook.from_declarations(settings.scripts)
-        except OSError as error:
-            raise ConfigError(f"scripts: cannot read a body_file: {error}") from None
+        book = ScriptBook.from_declarations(settings.scripts)
         handlers.update(Scripts(crypt, book, settings.script_policy).handlers())
     return Built(crypt, book, handlers)
 

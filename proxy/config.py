@@ -187,6 +187,7 @@ class Script:
     function: str | None = None
     repeat: bool = False
     line: int | None = field(default=None, compare=False)
+    body: bytes | None = field(default=None, repr=False)  # body_file's bytes, read at load
 
 
 @dataclass(frozen=True)
@@ -1027,7 +1028,7 @@ def _parse_scripts(doc: _Document, node: yaml.Node, base: Path) -> tuple[Script,
                 "needs exactly one of sha1:, body_file: or function:"
                 + (f" (has {', '.join(given)})" if given else "")
             )
-        sha1 = body_file = function = None
+        sha1 = body_file = function = body = None
         text = _to_str(*value(given[0]))
         if given[0] == "sha1":
             if not _SHA1.fullmatch(text):
@@ -1035,6 +1036,12 @@ def _parse_scripts(doc: _Document, node: yaml.Node, base: Path) -> tuple[Script,
             sha1 = text.lower()
         elif given[0] == "body_file":
             body_file = _resolve_path(text, base)
+            try:
+                body = Path(body_file).read_bytes()
+            except OSError as exc:
+                raise value("body_file")[1].error(
+                    f"cannot read {body_file}: {_reason(exc)}"
+                ) from None
         else:
             function = text
         hash_key = _int(*value("hash_key"), 1)
@@ -1053,7 +1060,7 @@ def _parse_scripts(doc: _Document, node: yaml.Node, base: Path) -> tuple[Script,
             pairs.append((pair[0], pair[1]))
         repeat = _to_bool(*value("repeat")) if "repeat" in entries else False
         scripts.append(
-            Script(name, hash_key, tuple(pairs), sha1, body_file, function, repeat, line)
+            Script(name, hash_key, tuple(pairs), sha1, body_file, function, repeat, line, body)
         )
     return tuple(scripts)
 

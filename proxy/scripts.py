@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import hiredis
@@ -90,8 +89,8 @@ class ScriptBook:
         for script in scripts:
             if script.sha1:
                 book.by_sha1[script.sha1.lower()] = script
-            elif script.body_file:
-                body = Path(script.body_file).read_bytes()
+            elif script.body is not None:  # read from body_file when the config loaded
+                body = script.body
                 book.by_sha1[hashlib.sha1(body).hexdigest()] = script
                 book.by_body[body.strip()] = script
             elif script.function:

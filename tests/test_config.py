@@ -576,6 +576,10 @@ def test_no_rules_warns(tmp_path: Path) -> None:
 
 
 def test_scripts_load(tmp_path: Path) -> None:
+    (tmp_path / "lua").mkdir()
+    (tmp_path / "lua" / "save.lua").write_bytes(
+        b"return redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])\n"
+    )
     text = """
         script_policy: refuse
         scripts:
@@ -596,7 +600,27 @@ def test_scripts_load(tmp_path: Path) -> None:
     assert save.field_values == ((1, 2), (3, 4))
     assert save.repeat
     assert body.body_file == str(tmp_path / "lua" / "save.lua")
+    assert body.body == (tmp_path / "lua" / "save.lua").read_bytes()  # read at load
+    assert save.body is None
     assert not body.repeat
+
+
+def test_a_body_file_that_cannot_be_read_names_its_line_and_path(tmp_path: Path) -> None:
+    text = """
+        scripts:
+          - name: ok
+            function: f
+            hash_key: 1
+            field_values: [[1, 2]]
+          - name: gone
+            body_file: lua/missing.lua
+            hash_key: 1
+            field_values: [[1, 2]]
+    """
+    message = load_error(tmp_path, text)
+    assert "fieldcrypt.yaml:7:" in message  # the body_file: line
+    assert str(tmp_path / "lua" / "missing.lua") in message
+    assert "No such file" in message
 
 
 @pytest.mark.parametrize(
@@ -947,6 +971,10 @@ def test_example_config_loads(tmp_path: Path) -> None:
     assert settings.rules[1].fields == ("serviceSecret", "*ClientSecret", "smtpServerPassword")
     assert settings.rules[1].db == 0
     assert settings.on_decrypt_error == "error"
+    (script,) = settings.scripts
+    assert script.body_file == str(REPO / "config" / "lua" / "set-if-missing-with-marker.lua")
+    assert script.body is not None and b"HEXISTS" in script.body
+    assert (script.hash_key, script.field_values) == (1, ((1, 2), (3, 4)))
     assert settings.warnings == ()
     assert explain(settings)
 

@@ -31,7 +31,10 @@ LUA = Path(__file__).parent / "lua"
 # The three shapes of script an application uses, written for these tests.
 LIST_ACCOUNTS = (LUA / "list_accounts.lua").read_bytes()  # {total, skip, {HGETALL row, ...}}
 LIST_IN_SET = (LUA / "list_accounts_in_set.lua").read_bytes()  # the same, ids from a set
-SET_IF_MISSING_FILE = LUA / "set_if_missing.lua"  # declared by body_file
+# declared by body_file: the example that config/fieldcrypt.example.yaml declares
+SET_IF_MISSING_FILE = (
+    Path(__file__).parent.parent / "config" / "lua" / "set-if-missing-with-marker.lua"
+)
 SET_IF_MISSING = SET_IF_MISSING_FILE.read_bytes()
 SET_IF_MISSING_SHA = hashlib.sha1(SET_IF_MISSING).hexdigest()
 FCLIB = (LUA / "fclib.lua").read_bytes()  # fcset (declared by function name), fcget

@@ -21,8 +21,9 @@ from proxy.scripts import MAX_DECIDED_BYTES, MAX_DECIDED_KEYS, MAX_DECISIONS, Sc
 from proxy.server import ProxyState
 from proxy.session import Session
 
-LUA = Path(__file__).parent / "lua"
-SET_IF_MISSING_FILE = LUA / "set_if_missing.lua"
+SET_IF_MISSING_FILE = (
+    Path(__file__).parent.parent / "config" / "lua" / "set-if-missing-with-marker.lua"
+)
 LIST = b"return {1}"  # the body never runs here: Redis's replies are written by the tests
 LIST_SHA = hashlib.sha1(LIST).hexdigest().encode()
 PROTECTED = (b"imap", b"smtp", b"oauth2")
