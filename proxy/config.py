@@ -176,7 +176,7 @@ class Script:
 
     Exactly one of sha1, body_file and function identifies it. `hash_key` is the
     1-based position in KEYS of the hash; `field_values` are 1-based (field, value)
-    positions in ARGV, and `repeat` continues that pattern over the rest of ARGV.
+    positions in ARGV, and `repeat` repeats the span of that pattern over the rest of ARGV.
     """
 
     name: str

@@ -33,6 +33,7 @@ __all__ = [
     "derive_key",
     "generate_key",
     "is_encrypted",
+    "is_envelope",
     "is_raw_key",
     "passphrase_is_weak",
 ]
@@ -121,6 +122,18 @@ class DecryptError(Exception):
 def is_encrypted(value: bytes) -> bool:
     """True when the value is a version 1 envelope (by its prefix; not authenticated)."""
     return value.startswith(HEADER_PREFIX)
+
+
+def is_envelope(value: bytes) -> bool:
+    """True when the value is a well-formed version 1 envelope: what fieldcrypt may have
+    written (not authenticated). Bytes that merely start with the prefix are not."""
+    if _HEADER.match(value) is None:
+        return False
+    try:
+        _decode_payload(value, b"")
+    except DecryptError:
+        return False
+    return True
 
 
 def is_raw_key(secret: str) -> bool:

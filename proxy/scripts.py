@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,7 +27,13 @@ import hiredis
 from proxy import resp
 from proxy.commands import FieldCrypt, display_name
 from proxy.config import Script
-from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, HEADER_PREFIX, MODE_KEY, DecryptError
+from proxy.crypto import (
+    DECRYPT_CACHE_MAX_REPLY,
+    HEADER_PREFIX,
+    MODE_KEY,
+    DecryptError,
+    is_envelope,
+)
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
@@ -37,6 +44,7 @@ MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out ev
 MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
 # numkeys as sent -> where ARGV starts in the arguments, for calls that may be remembered
 _ARGV_AT: Final = {b"%d" % n: 3 + n for n in range(MAX_DECIDED_KEYS + 1)}
+_INTEGER: Final = re.compile(rb"0|-?[1-9][0-9]{0,17}")  # what Redis reads as numkeys
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -74,14 +82,18 @@ class ScriptBook:
         for sha1, body in old.bodies.items():
             self.learn(sha1, body)
 
-    def learn(self, sha1: str, trimmed_body: bytes) -> None:
+    def learn(self, sha1: str, trimmed_body: bytes) -> bool:
         """A body seen with SCRIPT LOAD or EVAL: a declared body file up to surrounding
-        white space (a client may trim it) makes its SHA1 match the declaration."""
-        self.bodies[sha1] = trimmed_body
+        white space (a client may trim it) makes its SHA1 match the declaration, however
+        many bodies came before. Returns whether that added a SHA1 to the declarations."""
+        if len(self.bodies) < MAX_LEARNED:  # a bound: past it, only declared bodies count
+            self.bodies[sha1] = trimmed_body
         if sha1 not in self.by_sha1:
             script = self.by_body.get(trimmed_body)
             if script is not None:
                 self.by_sha1[sha1] = script
+                return True
+        return False
 
     @classmethod
     def from_declarations(cls, scripts: tuple[Script, ...]) -> ScriptBook:
@@ -93,8 +105,8 @@ class ScriptBook:
                 body = script.body
                 book.by_sha1[hashlib.sha1(body).hexdigest()] = script
                 book.by_body[body.strip()] = script
-            elif script.function:
-                book.by_function[script.function] = script
+            elif script.function:  # Redis finds a function by its name in any case
+                book.by_function[script.function.lower()] = script
         return book
 
     def record(self, ident: str, key: bytes) -> None:
@@ -111,19 +123,20 @@ class ScriptBook:
 
 
 def declared_positions(script: Script, argc: int) -> list[tuple[int, int]]:
-    """0-based (field, value) indexes into ARGV, with `repeat` applied."""
+    """0-based (field, value) indexes into ARGV of an `argc`-long ARGV. With `repeat`, the
+    pattern's span (its first to its last position) repeats right after itself, so
+    `[[2, 3]]` covers (2, 3), (4, 5), ... after a fixed ARGV[1]. Every pair inside ARGV
+    counts, also those of a repetition that ARGV ends part-way through."""
     pairs = [(f - 1, v - 1) for f, v in script.field_values]
-    if not script.repeat or not pairs:
-        return [p for p in pairs if p[0] < argc and p[1] < argc]
-    stride = max(max(p) for p in pairs) + 1
+    if not pairs:
+        return []
+    stride = max(map(max, pairs)) - min(map(min, pairs)) + 1 if script.repeat else argc + 1
     out: list[tuple[int, int]] = []
-    offset = 0
-    while True:
-        step = [(f + offset, v + offset) for f, v in pairs]
-        if any(f >= argc or v >= argc for f, v in step):
-            return out
-        out.extend(step)
-        offset += stride
+    for offset in range(0, argc, stride):
+        out += [
+            (f + offset, v + offset) for f, v in pairs if f + offset < argc and v + offset < argc
+        ]
+    return out
 
 
 class _Decision:
@@ -163,11 +176,8 @@ class Scripts:
     def _learn(self, body: bytes) -> str:
         sha1 = hashlib.sha1(body).hexdigest()
         book = self.book
-        if sha1 not in book.bodies and len(book.bodies) < MAX_LEARNED:
-            declared = len(book.by_sha1)
-            book.learn(sha1, body.strip())
-            if len(book.by_sha1) != declared:  # a body file's SHA1 as a client spells it
-                self.decisions.clear()
+        if sha1 not in book.bodies and book.learn(sha1, body.strip()):
+            self.decisions.clear()  # a body file's SHA1 as a client spells it
         return sha1
 
     def call(self, session: Session, args: list[bytes]) -> Outcome:
@@ -187,12 +197,9 @@ class Scripts:
 
     def _call_unusual(self, session: Session, args: list[bytes]) -> Outcome:
         """A call with many KEYS, a long EVAL body, or numkeys Redis refuses."""
-        if len(args) < 3:
-            return None
-        try:
-            argv_at = 3 + int(args[2])
-        except ValueError:
-            return None
+        if len(args) < 3 or not _INTEGER.fullmatch(args[2]):
+            return None  # Redis answers the error
+        argv_at = 3 + int(args[2])
         if argv_at < 3 or argv_at > len(args):
             return None  # Redis answers the error
         return self._decide(session, args, argv_at)
@@ -211,7 +218,7 @@ class Scripts:
         else:
             function = args[1].decode("utf-8", "replace")
             ident = f"function {function}"
-            script = self.book.by_function.get(function)
+            script = self.book.by_function.get(function.lower())
         db = session.db
         keys = args[3:argv_at]
         if script is not None:  # declared: its ARGV changes what goes upstream
@@ -230,7 +237,8 @@ class Scripts:
                 # This process never saw the body: NOSCRIPT makes the client send it with
                 # EVAL (as every client does after SCRIPT FLUSH), so a declaration by body
                 # file is recognised, then and on every later EVALSHA.
-                return Answer(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
+                # Inside MULTI it aborts the transaction, like any error at queue time.
+                return Answer(b"-NOSCRIPT No matching script. Please use EVAL.\r\n", refusal=True)
             self.book.record(ident, protected[0])
             refused = self.refuse or any(
                 rule.refuse_scripts
@@ -256,13 +264,15 @@ class Scripts:
         return outcome
 
     def _nudge(self, sha1: str) -> bool:
-        """Whether to answer NOSCRIPT; once False for a SHA1 it stays False (the book
-        only learns), which lets a decision be remembered."""
+        """Whether to answer NOSCRIPT: once for each SHA1 of a body this process hasn't
+        seen, while some declaration is by body file. Once False for a SHA1 it stays
+        False (the book only learns), which lets a decision be remembered."""
         book = self.book
         if not book.by_body or sha1 in book.bodies or sha1 in book.nudged:
             return False
-        if len(book.nudged) < MAX_LEARNED:
-            book.nudged.add(sha1)
+        if len(book.nudged) >= MAX_LEARNED:
+            book.nudged.clear()  # a bound: a SHA1 may be nudged once more, never forever
+        book.nudged.add(sha1)
         return True
 
     def _seal(
@@ -443,23 +453,28 @@ class _ScriptReply:
         cached = keyring.cached
         key = self.keys[0]
         refused: list[tuple[bytes, bytes | None]] = []  # what no key and name opened
+        foreign = 0  # values that only start like an envelope: not fieldcrypt's, kept as they are
         for stored, name in found.items():
             # The decrypt cache holds only what authenticated: a hit is the answer.
             plain = cached((stored, name, key)) if cached is not None and name is not None else None
             if plain is None:
                 plain = self.open(stored, name)
                 if plain is None:
-                    refused.append((stored, name))
                     plain = stored  # what `raw` gives; `error` raises below
+                    if is_envelope(stored):
+                        refused.append((stored, name))
+                    else:
+                        foreign += 1
             opened[stored] = plain
         out, replaced = _splice(frame, opened)
         if replaced != total:  # a header inside another value, or not a bulk string
             return self._through_tree(frame)
-        crypt.counts["decrypted"] += len(found) - len(refused)
+        opened_count = len(found) - len(refused) - foreign
+        crypt.counts["decrypted"] += opened_count
         for stored, name in refused:
             self.refuse(stored, name)  # logs and counts; raises under on_decrypt_error: error
         if not refused:
-            keyring.remember_reply(frame, self.context, out, len(found))
+            keyring.remember_reply(frame, self.context, out, opened_count)
         return out
 
     def _through_tree(self, frame: bytes) -> bytes:
@@ -491,16 +506,18 @@ class _ScriptReply:
             if value.kind == 36 and value.data.startswith(HEADER_PREFIX):  # '$'
                 plain = self.open(value.data, name)
                 if plain is None:
+                    if not is_envelope(value.data):
+                        return value  # only starts like one: not fieldcrypt's
                     return resp.Blob(36, self.refuse(value.data, name))
                 self.crypt.counts["decrypted"] += 1
                 return resp.Blob(36, plain)
             return value
         if isinstance(value, resp.Aggregate):
             items = value.items
+            previous: bytes | None = None
             for i, item in enumerate(items):
-                before = items[i - 1] if i else None
-                previous = before.data if isinstance(before, resp.Blob) else None
                 items[i] = self.walk(item, previous)
+                previous = item.data if isinstance(item, resp.Blob) else None  # as stored
         return value
 
     def open(self, stored: bytes, name: bytes | None) -> bytes | None:
@@ -533,7 +550,10 @@ class _ScriptReply:
 
     def refuse(self, stored: bytes, name: bytes | None) -> bytes:
         """What `on_decrypt_error` makes of a value `open` could not open: the stored
-        bytes under `raw`, else ReplyError."""
+        bytes under `raw`, else ReplyError. The name is shown only when it is a protected
+        field's: the element before a value in a reply may be another value."""
+        if name is not None and not self.crypt.field_is_protected(name):
+            name = None
         shown = display_name(name) if name is not None else "?"
         try:
             # Through the common path: counts, logs and applies on_decrypt_error.

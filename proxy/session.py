@@ -317,6 +317,10 @@ def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
     )
 
 
+# Goes upstream in the place of a request answered locally under CLIENT REPLY SKIP.
+_SKIPPED: Final = b"*1\r\n$4\r\nPING\r\n"
+
+
 def pubsub_confirmation(frame: bytes) -> tuple[bytes, bytes | None, int] | None:
     """(kind, channel, count) of a subscribe-family confirmation, else None."""
     if frame.find(b"subscribe\r\n", 0, 24) < 0:
@@ -490,15 +494,13 @@ class Session:
         when its bytes go as they are. `outcome` is the handler's answer when it has
         been asked already."""
         if self.locked and name not in OPEN_COMMANDS:
-            self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
-            return b""
+            return self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
         if outcome is UNDECIDED:
             handler = self.dispatch.get(name)
             outcome = handler(self, args) if handler is not None else None
         assert not isinstance(outcome, _Undecided)
         if isinstance(outcome, Answer):
-            self._answer(outcome)
-            return b""
+            return self._answer(outcome)
         if isinstance(outcome, Defer):
             self.pending.append(outcome.entry)
             self.jobs.append(outcome)
@@ -547,8 +549,10 @@ class Session:
         else:
             pending.append(n)
 
-    def _answer(self, answer: Answer) -> None:
-        """A local reply, in its turn, subject to CLIENT REPLY like any reply."""
+    def _answer(self, answer: Answer) -> bytes:
+        """A local reply, in its turn, subject to CLIENT REPLY like any reply. Returns
+        what goes upstream in the request's place: nothing, except under SKIP, where
+        Redis skips the reply to the next command it sees, so one it skips goes."""
         if answer.refusal and self.in_multi:
             self.multi_refused = True
         if self.reply_mode == b"ON":
@@ -556,6 +560,8 @@ class Session:
         elif self.reply_mode == b"SKIP":
             self.reply_mode = b"ON"
             self._update_slow()
+            return _SKIPPED  # never in MULTI: there CLIENT REPLY is queued, not applied
+        return b""
 
     def _state_entry(
         self, name: bytes, args: list[bytes], transform: Transform | None

@@ -189,17 +189,29 @@ class Wire:
             assert self.call("HELLO", "3").startswith(b"%")
 
     def call(self, *args: str | bytes) -> bytes:
-        request = [arg.encode() if isinstance(arg, str) else arg for arg in args]
-        self.sock.sendall(resp.encode_request(request))
-        while (end := self.replies.next()) < 0:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            self.replies.feed(chunk)
-        frame = bytes(self.replies.buffer[self.replies.pos : end])
-        self.replies.pos = end
-        self.replies.compact()
+        (frame,) = self.pipeline([list(args)], 1)
         return frame
+
+    def pipeline(self, requests: list[list[str | bytes]], replies: int) -> list[bytes]:
+        """Send `requests` in one write and read `replies` replies (CLIENT REPLY may
+        make them fewer than the requests)."""
+        self.sock.sendall(
+            b"".join(
+                resp.encode_request([a.encode() if isinstance(a, str) else a for a in args])
+                for args in requests
+            )
+        )
+        frames: list[bytes] = []
+        while len(frames) < replies:
+            while (end := self.replies.next()) < 0:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                self.replies.feed(chunk)
+            frames.append(bytes(self.replies.buffer[self.replies.pos : end]))
+            self.replies.pos = end
+            self.replies.compact()
+        return frames
 
     def close(self) -> None:
         self.sock.close()

@@ -28,6 +28,7 @@ from proxy.crypto import (
     derive_key,
     generate_key,
     is_encrypted,
+    is_envelope,
     is_raw_key,
     passphrase_is_weak,
 )
@@ -191,7 +192,7 @@ def test_round_trip_in_both_modes(plaintext: bytes, field: bytes, key_name: byte
 
     stored = ring.encrypt(plaintext, field, key_name)
 
-    assert is_encrypted(stored)
+    assert is_encrypted(stored) and is_envelope(stored)
     assert stored[5:6] == (b"f" if key_name is None else b"k")
     assert set(stored[19:].decode("ascii")) <= BASE64URL
     assert len(stored) == 19 + -(-4 * (28 + len(plaintext)) // 3)
@@ -322,6 +323,7 @@ def test_truncated_value_is_rejected() -> None:
     assert decrypt_reason(ring, stored[:-4], b"f", b"k") == AUTH_FAILED
     assert decrypt_reason(ring, stored[:40], b"f", b"k") == MALFORMED
     assert decrypt_reason(ring, stored[:19], b"f", b"k") == MALFORMED
+    assert is_envelope(stored[:-4]) and not is_envelope(stored[:40])
     assert decrypt_reason(ring, stored[:10], b"f", b"k") == MALFORMED
 
 
@@ -384,6 +386,7 @@ def test_changed_key_id_is_reported_as_missing_or_fails_authentication() -> None
 )
 def test_broken_structure_is_malformed(value: bytes) -> None:
     assert decrypt_reason(ring_of(KEY_A), value, b"f", b"k") == MALFORMED
+    assert not is_envelope(value)
 
 
 @pytest.mark.parametrize(

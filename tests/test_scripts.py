@@ -44,6 +44,10 @@ HGET_IMAP = b"return redis.call('HGET', KEYS[1], 'imap')"
 HGET_ARGV = b"return redis.call('HGET', KEYS[1], ARGV[1])"
 UNDECLARED_WRITER = b"return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
 UNDECLARED_WRITER_SHA = hashlib.sha1(UNDECLARED_WRITER).hexdigest()
+# A fixed ARGV[1] (seconds to live), then field/value pairs: declared [[2, 3]], repeat.
+HSET_TTL = (
+    b"redis.call('HSET', KEYS[1], unpack(ARGV, 2)); return redis.call('EXPIRE', KEYS[1], ARGV[1])"
+)
 
 IAD_PROTECTED = (b"imap", b"smtp", b"oauth2")
 MARKER = b"serviceSecretOrigin"  # the marker the set-if-missing script writes; protected
@@ -104,6 +108,13 @@ class Fieldcrypt(ConfiguredProxy):
                         "function": "fcset",
                         "hash_key": 1,
                         "field_values": [[1, 2]],
+                        "repeat": True,
+                    },
+                    {
+                        "name": "hset-with-ttl",
+                        "sha1": hashlib.sha1(HSET_TTL).hexdigest(),
+                        "hash_key": 1,
+                        "field_values": [[2, 3]],
                         "repeat": True,
                     },
                 ],
@@ -645,3 +656,120 @@ def test_migration_rekeys_values_written_by_declared_scripts(fc: Fieldcrypt, pro
     keys = list(ACCOUNTS)
     assert listing(client.eval(LIST_ACCOUNTS, 3, *keys)) == expected_listing(keys)
     assert client.hmget("settings", "serviceSecret", MARKER) == [b"secret m", b"origin m"]
+
+
+# --- Edges: function names, repeated patterns, CLIENT REPLY, MULTI, odd values ---------
+
+
+def test_fcall_finds_a_declared_function_by_its_name_in_any_case(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    client = fc.client(protocol)  # Redis finds a function by its name in any case
+
+    assert client.execute_command("FCALL", "FCSET", 1, "iad:30", "imap", "imap-30") == 1
+    assert client.execute_command("fcall", "FcSet", 1, "iad:30", "smtp", "smtp-30") == 1
+
+    assert_sealed(
+        fc.direct, {(b"iad:30", b"imap"): b"imap-30", (b"iad:30", b"smtp"): b"smtp-30"}, fc.key_a
+    )
+    assert fc.seen_scripts(client) == {}
+
+
+def test_a_repeated_pattern_after_a_fixed_argument_seals_every_pair(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    client = fc.client(protocol)
+    pairs = [x for name in IAD_PROTECTED for x in (name, name + b"-31")]
+
+    assert client.eval(HSET_TTL, 1, "iad:31", 3600, *pairs) == 1
+
+    assert_sealed(fc.direct, {(b"iad:31", n): n + b"-31" for n in IAD_PROTECTED}, fc.key_a)
+    assert fc.direct.ttl("iad:31") > 0
+    assert client.hgetall("iad:31") == {n: n + b"-31" for n in IAD_PROTECTED}
+
+
+def test_a_local_answer_under_client_reply_skip_keeps_the_replies_in_step(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    """A request the proxy answers itself (a refusal; the one-off NOSCRIPT) never reaches
+    Redis, so Redis must still skip a reply: the next request's, unless one goes in its place."""
+    fc.direct.set("k", "before")
+    refused = ["EVAL", UNDECLARED_WRITER, "1", "iad:32", "imap", "leak"]
+    fc.restart(script_policy="refuse")
+    nudged = ["EVALSHA", fc.direct.script_load(UNDECLARED_WRITER), "1", "iad:32", "imap", "leak"]
+    for answered_here in (refused, nudged):
+        assert fc.proxy is not None
+        through = Wire(fc.proxy.port, protocol)
+        try:
+            replies = through.pipeline(
+                [["CLIENT", "REPLY", "SKIP"], answered_here, ["GET", "k"], ["SET", "k", "after"]],
+                2,
+            )
+            assert replies == [b"$6\r\nbefore\r\n", b"+OK\r\n"], answered_here[0]
+            assert through.call("GET", "k") == b"$5\r\nafter\r\n"
+        finally:
+            through.close()
+        fc.direct.set("k", "before")
+        fc.restart()  # passthrough, and a proxy that never saw the body: NOSCRIPT once
+    assert fc.direct.exists("iad:32") == 0
+
+
+def test_the_one_off_noscript_inside_multi_aborts_the_transaction(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    """Redis has the script, this proxy never saw its body: NOSCRIPT makes the client send
+    it. Inside MULTI that is an error at queue time, so EXEC runs nothing (never half)."""
+    sha = fc.direct.script_load(UNDECLARED_WRITER)
+    client = fc.client(protocol)
+    multi = client.pipeline(transaction=True)
+    multi.incr("counter")
+    multi.evalsha(sha, 1, "iad:33", "user", "u33")
+
+    with pytest.raises(redis.exceptions.NoScriptError):
+        multi.execute()
+    assert fc.direct.exists("counter", "iad:33") == 0
+    assert client.eval(UNDECLARED_WRITER, 1, "iad:33", "user", "u33") == 1  # the body, then
+    multi.incr("counter")
+    multi.evalsha(sha, 1, "iad:33", "host", "h33")
+    assert multi.execute() == [1, 1]
+    assert client.hgetall("iad:33") == {b"user": b"u33", b"host": b"h33"}
+
+
+def test_values_that_only_start_like_an_envelope_come_back_as_stored(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    odd = {b"bio": b"$fc1$f$AAAAAAAAAAA$ just text", b"imap": b"$fc1$ also text"}
+    fc.direct.hset("profile:1", mapping=odd)  # no rule covers profile:*
+    client = fc.client(protocol)
+
+    assert client.hgetall("profile:1") == odd
+    assert as_hash(client.eval(b"return redis.call('HGETALL', KEYS[1])", 1, "profile:1")) == odd
+    assert client.eval(HGET_IMAP, 1, "profile:1") == odd[b"imap"]
+    assert fc.direct.hgetall("profile:1") == odd
+
+
+def test_a_value_that_cannot_be_opened_is_never_named_by_the_value_before_it(
+    fc: Fieldcrypt, protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In an HMGET-shaped reply the element before a value is another value: it must not
+    appear as the field's name in the error or the log, opened or not."""
+    client = fc.client(protocol)
+    client.hset("settings", mapping={"theme": "dark", "serviceSecret": "service-secret-value"})
+    other = KeyRing([Key.from_secret(fc.key_b)])  # not in the proxy's ring
+    fc.direct.hset("settings", "googleClientSecret", other.encrypt(b"g", b"googleClientSecret"))
+    hmget = b"redis.call('HMGET', KEYS[1], 'theme', 'googleClientSecret', 'serviceSecret', "
+    hmget += b"'googleClientSecret')"
+    spliced = b"return " + hmget
+    through_tree = b"return {" + hmget + b", {ok='$fc1$ a status'}}"  # not a bulk: the tree
+
+    with caplog.at_level(logging.INFO, logger="fieldcrypt"):
+        errors = [
+            error_of(lambda b=body: client.eval(b, 1, "settings"))
+            for body in (spliced, through_tree)
+        ]
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "fieldcrypt"]
+    assert len(lines) >= 2
+    for text in (*errors, *lines):
+        assert "dark" not in text and "service-secret-value" not in text, text
+    assert all("cannot decrypt a value in a script reply (field '?')" in e for e in errors)
