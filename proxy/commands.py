@@ -462,8 +462,8 @@ class Table:
         # HSCAN key cursor [MATCH pattern] [COUNT count] [NOVALUES]
         if len(args) < 3 or self.rules.match_key(session.db, args[1]) is None:
             return None
-        if any(arg.upper() == b"NOVALUES" for arg in args[3:]):
-            return None
+        if _hscan_novalues(args):
+            return None  # field names only
         key = args[1]
 
         def transform(session: Session, frame: bytes) -> bytes:
@@ -511,7 +511,8 @@ class Table:
             return None
         by, gets, store = options
         crypt = self.crypt
-        if by is not None and b"->" in by and crypt.field_is_protected(by.split(b"->", 1)[1]):
+        sort_by = _hash_pattern(by) if by is not None else None
+        if by is not None and sort_by is not None and crypt.field_is_protected(sort_by[2]):
             return Answer(
                 resp.error_reply(
                     f"ERR fieldcrypt: SORT cannot sort BY '{display_name(by)}': "
@@ -519,10 +520,11 @@ class Table:
                 ),
                 refusal=True,
             )
+        hashed = [_hash_pattern(pattern) for pattern in gets]
         protected = [
             i
-            for i, pattern in enumerate(gets)
-            if b"->" in pattern and crypt.field_is_protected(pattern.split(b"->", 1)[1])
+            for i, read in enumerate(hashed)
+            if read is not None and crypt.field_is_protected(read[2])
         ]
         if not protected:
             return None
@@ -552,9 +554,11 @@ class Table:
                 element = rows[row + element_column]
                 for i in range(width):
                     value = rows[row + i]
+                    read = hashed[i]
                     if i in protected and value is not None and element is not None:
-                        pattern, field = gets[i].split(b"->", 1)
-                        key = pattern.replace(b"*", element, 1)
+                        assert read is not None
+                        prefix, suffix, field = read
+                        key = prefix + element + suffix
                         value = crypt.open(self._rule(session, key, field), key, field, value)
                     out.append(value)
             return _array(session, out)
@@ -568,6 +572,32 @@ def _fields_start(args: list[bytes]) -> int | None:
         if args[i].upper() == b"FIELDS":
             return i + 2
     return None
+
+
+def _hscan_novalues(args: list[bytes]) -> bool:
+    """Whether HSCAN key cursor [MATCH pattern] [COUNT count] [NOVALUES] has NOVALUES
+    as an option (a MATCH pattern may be the word too)."""
+    i = 3
+    while i < len(args):
+        word = args[i].upper()
+        if word == b"NOVALUES":
+            return True
+        i += 2 if word in (b"MATCH", b"COUNT") else 1
+    return False
+
+
+def _hash_pattern(pattern: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(key prefix, key suffix, field) of a SORT BY/GET pattern that reads a hash field,
+    as Redis reads it: the key is the pattern up to `->` with its first `*` replaced by
+    the element, and the `->` is the first after that `*`. None for a pattern that
+    reads no hash field (no `*`, no `->` after it, or nothing after the `->`)."""
+    star = pattern.find(b"*")
+    if star < 0:
+        return None
+    arrow = pattern.find(b"->", star + 1)
+    if arrow < 0 or arrow + 2 == len(pattern):
+        return None
+    return pattern[:star], pattern[star + 1 : arrow], pattern[arrow + 2 :]
 
 
 def _sort_options(args: list[bytes]) -> tuple[bytes | None, list[bytes], bool] | None:

@@ -258,3 +258,41 @@ def test_hincrby_on_a_protected_field_is_answered_locally(handlers: dict[bytes, 
         b"it is stored encrypted\r\n"
     )
     assert handle(handlers, "HINCRBY", "iad:1", "logins", "1") is None
+
+
+# --- HSCAN and SORT options, read as Redis reads them -------------------------------
+
+
+def test_hscan_novalues_counts_only_as_an_option(handlers: dict[bytes, Handler]) -> None:
+    assert handle(handlers, "HSCAN", "iad:1", "0", "NOVALUES") is None  # names only
+    assert handle(handlers, "HSCAN", "iad:1", "0", "COUNT", "5", "novalues") is None
+    for pattern in ("novalues", "NOVALUES"):  # a MATCH pattern, not the option
+        transform_of(handle(handlers, "HSCAN", "iad:1", "0", "MATCH", pattern))
+
+
+def test_sort_patterns_are_split_where_redis_splits_them(
+    handlers: dict[bytes, Handler], ring: KeyRing
+) -> None:
+    """The field follows the first `->` after the first `*`, and the key is the rest with
+    the element in place of that `*`: here a key name that holds `->` itself, bound."""
+    outcome = transform_of(handle(handlers, "SORT", "ids", "GET", "vault:a->*->token"))
+    assert outcome.request is not None
+    assert parse_request(outcome.request)[-2:] == [b"GET", b"#"]  # the element, to name the key
+    sealed = ring.encrypt(b"arrow-secret", b"token", b"vault:a->7")
+
+    assert outcome.transform is not None
+    reply = outcome.transform(StandInSession(), array(sealed, b"7"))  # type: ignore[arg-type]
+
+    assert reply == array(b"arrow-secret")
+
+
+@pytest.mark.parametrize(
+    "by",
+    ["iad:1->imap", "nosort", "iad:*->", "iad:*"],  # no `*`: no sorting; no field: a string
+)
+def test_sort_by_a_pattern_that_reads_no_protected_field_is_not_refused(
+    handlers: dict[bytes, Handler], by: str
+) -> None:
+    assert handle(handlers, "SORT", "ids", "BY", by) is None
+    refused = handle(handlers, "SORT", "ids", "BY", "iad:*->imap")
+    assert isinstance(refused, Answer) and refused.refusal
