@@ -150,12 +150,15 @@ class Runtime:
     async def reload(self) -> str | None:
         """Re-read the config and the secrets. Returns the problem, or None when it took."""
         path = self.settings.config_path
-        try:
+
+        def load() -> tuple[Settings, Built]:
             settings = load_settings(path, self.overrides, os.environ, Path.cwd())
-            # scrypt on passphrases takes a while: keep the loop serving meanwhile.
-            built = await asyncio.get_running_loop().run_in_executor(
-                None, build_handlers_for, settings
-            )
+            return settings, build_handlers_for(settings)
+
+        try:
+            # Files (the config, key files, script bodies) and scrypt on passphrases take
+            # a while, or block on a FIFO: the loop keeps serving meanwhile.
+            settings, built = await asyncio.get_running_loop().run_in_executor(None, load)
         except ConfigError as error:
             log.error("config reload rejected, the old configuration keeps running: %s", error)
             return str(error)
@@ -182,6 +185,24 @@ class Runtime:
                 primary.kid if primary else "none (decrypt-only)",
             )
         return None
+
+
+async def read_databases(state: ProxyState) -> bool:
+    """Read the upstream's `databases` setting into `state`, so that a SELECT Redis will
+    refuse is not followed; False while the upstream can't be reached. Until it is
+    known, a SELECT is followed as sent."""
+    try:
+        client = await RedisClient.connect(state.target)  # within the connect timeout
+    except ClientError:
+        return False
+    try:
+        reply = await asyncio.wait_for(client.execute("CONFIG", "GET", "databases"), 2.0)
+        state.databases = int(dict(zip(reply[::2], reply[1::2], strict=True))[b"databases"])
+    except Exception as error:  # refused by ACL, renamed, not a number
+        log.info("cannot read the upstream's databases setting (%s)", error.__class__.__name__)
+    finally:
+        await client.close()
+    return True  # known, or asking again would not help
 
 
 def build_state(settings: Settings, url: str) -> ProxyState:
@@ -254,6 +275,16 @@ async def _serve(
     if runtime.topology is not None:
         server = ClusterServer(runtime.state, runtime.topology, settings.cluster_announce_self)
     runtime.server = server
+    tasks: set[asyncio.Task[Any]] = set()
+    if runtime.topology is None and not await read_databases(runtime.state):
+
+        async def read_later() -> None:  # the upstream may start after the proxy
+            while not await read_databases(runtime.state):
+                await asyncio.sleep(5)
+
+        task = asyncio.get_running_loop().create_task(read_later())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     host, port = split_listen(settings.listen)
     try:
         addresses = await server.start(host, port, reuse_port=reuse_port)
@@ -269,7 +300,6 @@ async def _serve(
             return 1
         log.info("metrics on http://%s:%d/metrics", *bound_metrics)
     stop = asyncio.Event()
-    tasks: set[asyncio.Task[Any]] = set()
 
     def reload() -> None:
         task = asyncio.get_running_loop().create_task(runtime.reload())

@@ -38,15 +38,16 @@ class RedisClient:
     @classmethod
     async def connect(cls, target: Target) -> RedisClient:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            # asyncio.timeout, not wait_for: CPython 3.11's wait_for can swallow a
+            # cancellation that arrives as the connection fails, so a retrying task
+            # would never stop.
+            async with asyncio.timeout(target.connect_timeout):
+                reader, writer = await asyncio.open_connection(
                     target.host,
                     target.port,
                     **target.tls_options(),
                     limit=2**20,
-                ),
-                target.connect_timeout,
-            )
+                )
         except (OSError, TimeoutError) as error:
             raise ClientError(
                 f"upstream {target.address} unreachable ({describe_error(error)})"

@@ -96,6 +96,7 @@ class ProxyState:
     stats: Stats = field(default_factory=Stats)
     command_counts: dict[bytes, int] = field(default_factory=dict)  # names as sent
     observe_latency: Callable[[float], None] | None = None
+    databases: int | None = None  # the upstream's `databases` setting, once read
 
 
 def describe_error(error: BaseException) -> str:
@@ -225,6 +226,7 @@ class ClientConnection(asyncio.Protocol):
             command_counts=self.state.command_counts,
             observe_latency=self.state.observe_latency,
             locked=self.state.client_auth,
+            databases=self.state.databases,
         )
         self.session.loopback = is_loopback(peer)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect())

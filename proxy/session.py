@@ -16,6 +16,7 @@ edit here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -317,6 +318,8 @@ def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
     )
 
 
+_DB_INDEX: Final = re.compile(rb"0|[1-9][0-9]{0,9}")  # a SELECT index as Redis reads it
+
 # Goes upstream in the place of a request answered locally under CLIENT REPLY SKIP.
 _SKIPPED: Final = b"*1\r\n$4\r\nPING\r\n"
 
@@ -355,6 +358,7 @@ class Session:
         command_counts: dict[bytes, int] | None = None,
         observe_latency: Callable[[float], None] | None = None,
         locked: bool = False,
+        databases: int | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.send_upstream = send_upstream
@@ -364,6 +368,7 @@ class Session:
         self.pending: deque[int | Entry] = deque()
         self.handshake = handshake or []  # what the proxy sends first, and after RESET
         self.initial_db = db
+        self.databases = databases  # the upstream's `databases`, when known
         self.db = db
         self.resp3 = False
         self.monitoring = False
@@ -502,9 +507,8 @@ class Session:
         if isinstance(outcome, Answer):
             return self._answer(outcome)
         if isinstance(outcome, Defer):
-            self.pending.append(outcome.entry)
-            self.jobs.append(outcome)
-            return b""
+            self.jobs.append(outcome)  # it runs, whether or not CLIENT REPLY lets its reply out
+            return self._reply_here(outcome.entry)
         request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
         if outcome is not None:
@@ -550,13 +554,17 @@ class Session:
             pending.append(n)
 
     def _answer(self, answer: Answer) -> bytes:
-        """A local reply, in its turn, subject to CLIENT REPLY like any reply. Returns
-        what goes upstream in the request's place: nothing, except under SKIP, where
-        Redis skips the reply to the next command it sees, so one it skips goes."""
+        """A local reply; returns what goes upstream in the request's place."""
         if answer.refusal and self.in_multi:
             self.multi_refused = True
+        return self._reply_here(LocalEntry(answer.reply))
+
+    def _reply_here(self, entry: LocalEntry) -> bytes:
+        """Queue a reply the proxy makes itself, subject to CLIENT REPLY like any reply.
+        Returns what goes upstream in the request's place: nothing, except under SKIP,
+        where Redis skips the reply to the next command it sees, so one it skips goes."""
         if self.reply_mode == b"ON":
-            self._local(answer.reply)
+            self.pending.append(entry)
         elif self.reply_mode == b"SKIP":
             self.reply_mode = b"ON"
             self._update_slow()
@@ -591,17 +599,21 @@ class Session:
                 return DiscardEntry()
             return ExecEntry(self.multi_db, self.db_version, abort=refused)
         if name == b"RESET":
+            if self.reply_mode == b"SKIP":  # Redis skips +RESET (under OFF it sends it)
+                self.reset_state()
+                return 0
             self.in_multi = False
             self.reply_mode = b"ON"
             self._update_slow()
             return ResetEntry()
         if name == b"SELECT":
-            # Followed at once, so that the commands behind it see the right db.
+            # Followed at once, so that the commands behind it see the right db; one
+            # Redis will refuse is not followed (rules are matched per db).
             previous = self.db
-            try:
-                self._follow_db(int(args[1]))
-            except (IndexError, ValueError):
+            db = self._selectable(args)
+            if db is None:
                 return None
+            self._follow_db(db)
             return SelectEntry(previous, self.db_version)
         if name == b"HELLO":
             return HelloEntry()
@@ -625,10 +637,9 @@ class Session:
         """A state-changing command inside MULTI: its effect comes when EXEC runs it."""
         effect: Effect | None = None
         if name == b"SELECT":
-            try:
-                db = int(args[1])
-            except (IndexError, ValueError):
-                db = self.db
+            db = self._selectable(args)
+            if db is None:
+                db = self.db  # Redis will refuse it when EXEC runs it
             self._follow_db(db)  # the queued commands behind it run in that db
             effect = (b"SELECT", db)
         elif name == b"HELLO":
@@ -638,6 +649,14 @@ class Session:
             if mode is not None:
                 self.multi_modes.append(mode)
         return QueuedEntry(transform, effect)
+
+    def _selectable(self, args: list[bytes]) -> int | None:
+        """The db of a SELECT that Redis will accept: a number as Redis reads one, below
+        the upstream's `databases` when known; None for one Redis refuses."""
+        if len(args) != 2 or not _DB_INDEX.fullmatch(args[1]):
+            return None
+        db = int(args[1])
+        return db if self.databases is None or db < self.databases else None
 
     def _client_reply(self, mode: bytes) -> None:
         """CLIENT REPLY as Redis applies it: SKIP is ignored while replies are OFF."""
@@ -680,9 +699,6 @@ class Session:
     def _send_internal(self, what: str, args: list[bytes]) -> None:
         self.send_upstream(resp.encode_request(args))
         self.pending.append(InternalEntry(what))
-
-    def _local(self, reply: bytes) -> None:
-        self.pending.append(LocalEntry(reply))
 
     def _update_slow(self) -> None:
         self._slow = self.in_multi or self.reply_mode != b"ON" or self.locked

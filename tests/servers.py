@@ -20,7 +20,7 @@ import redis
 import yaml
 
 from proxy import resp
-from proxy.app import build_state
+from proxy.app import build_state, read_databases
 from proxy.config import load_settings
 from proxy.crypto import generate_key
 from proxy.embedded import EmbeddedServer, free_port
@@ -249,7 +249,9 @@ class ConfiguredProxy:
         self.stop()
         self.write_config(config)
         settings = load_settings(str(self.config_path), {}, {}, self.directory)
-        self.proxy = ProxyThread(build_state(settings, f"redis://127.0.0.1:{self.upstream_port}"))
+        state = build_state(settings, f"redis://127.0.0.1:{self.upstream_port}")
+        self.proxy = ProxyThread(state)
+        assert self.proxy.call(read_databases(state)), "the upstream did not answer"
 
     def client(self, protocol: int = 2, db: int = 0) -> redis.Redis:
         assert self.proxy is not None

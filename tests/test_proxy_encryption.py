@@ -299,6 +299,41 @@ def test_settings_rule_applies_only_in_db_0(fc: Fieldcrypt) -> None:
     assert in_db1.hget("iad:1", "imap") == b"imap-in-db-1"
 
 
+@pytest.mark.parametrize("index", ["99", "16", "01", "1_0", " 1", "-1", "+1"])
+def test_a_select_redis_refuses_leaves_the_proxy_on_the_db_in_use(
+    fc: Fieldcrypt, index: str
+) -> None:
+    """Requests behind a SELECT are matched against the db it names before its reply
+    comes (or never comes, under CLIENT REPLY OFF): one Redis refuses must not move
+    the proxy off db 0, where the settings rule protects these fields."""
+    written = {
+        b"serviceSecret": b"s-pipelined",
+        b"googleClientSecret": b"s-in-multi",
+        b"smtpServerPassword": b"s-replies-off",
+    }
+    (pipelined, in_multi, replies_off) = (["HSET", "settings", f, v] for f, v in written.items())
+    conversations: list[tuple[list[list[str | bytes]], int]] = [
+        ([["SELECT", index], pipelined], 2),
+        ([["MULTI"], ["SELECT", index], in_multi, ["EXEC"]], 4),
+        (
+            [["CLIENT", "REPLY", "OFF"], ["SELECT", index], ["CLIENT", "REPLY", "ON"], replies_off],
+            2,
+        ),
+    ]
+    through = fc.wire()
+    try:
+        replies = [r for requests, n in conversations for r in through.pipeline(requests, n)]
+        read = through.call("HMGET", "settings", *written)
+    finally:
+        through.close()
+
+    assert replies[0].startswith(b"-ERR") and replies[-2:] == [b"+OK\r\n", b":1\r\n"], replies
+    assert read == resp.encode_request(list(written.values()))  # an array of bulks
+    assert_sealed(
+        raw_store(fc.direct), ring_of(fc.key_a), {(b"settings", f): v for f, v in written.items()}
+    )
+
+
 # --- Reads ------------------------------------------------------------------------
 
 # Each read, and how to compare its replies: "exact" bytes, or elements whose order is
@@ -562,6 +597,19 @@ def test_sort_get_decrypts_in_the_order_sorted_by(sortable: Fieldcrypt) -> None:
         (b"1", b"imap-secret-1"),
     ]
     assert read_only == by_rank
+
+
+def test_sort_reads_its_patterns_as_redis_does(sortable: Fieldcrypt) -> None:
+    client = sortable.client()
+    client.hset("iad:x->1", "imap", "arrow-secret")  # a key name that holds `->`
+    client.rpush("arrow-ids", 1)
+
+    assert client.sort("arrow-ids", get="iad:x->*->imap") == [b"arrow-secret"]
+    # BY without `*` doesn't sort, and GET without `*` reads nothing: nothing to refuse.
+    unsorted = client.execute_command("SORT", "ids", "BY", "iad:1->imap", "GET", "#")
+    assert unsorted == sortable.direct.sort("ids", by="nosort")
+    assert client.sort("ids", by="nosort", get="iad:1->imap") == [None] * 4
+    assert sortable.direct.hget("iad:x->1", "imap").startswith(HEADER_PREFIX)
 
 
 def test_sort_by_a_protected_field_is_refused(sortable: Fieldcrypt) -> None:
