@@ -176,7 +176,8 @@ class Script:
 
     Exactly one of sha1, body_file and function identifies it. `hash_key` is the
     1-based position in KEYS of the hash; `field_values` are 1-based (field, value)
-    positions in ARGV, and `repeat` repeats the span of that pattern over the rest of ARGV.
+    positions in ARGV; `repeat` (0: none) is every how many ARGV the pattern repeats
+    over the rest of ARGV (`repeat: true` in the file: the pattern's span).
     """
 
     name: str
@@ -185,7 +186,7 @@ class Script:
     sha1: str | None = None
     body_file: str | None = None
     function: str | None = None
-    repeat: bool = False
+    repeat: int = 0
     line: int | None = field(default=None, compare=False)
     body: bytes | None = field(default=None, repr=False)  # body_file's bytes, read at load
 
@@ -1058,7 +1059,22 @@ def _parse_scripts(doc: _Document, node: yaml.Node, base: Path) -> tuple[Script,
             ):
                 raise pairs_where.error(f"{shape}; {_shown(pair)} is not one")
             pairs.append((pair[0], pair[1]))
-        repeat = _to_bool(*value("repeat")) if "repeat" in entries else False
+        used = [n for pair in pairs for n in pair]
+        if len(set(used)) != len(used):
+            raise pairs_where.error(f"names an ARGV position twice in {_shown(pairs_value)}")
+        repeat = 0
+        if "repeat" in entries:
+            given_repeat, repeat_where = value("repeat")
+            span = max(used) - min(used) + 1 if used else 1
+            if isinstance(given_repeat, int) and not isinstance(given_repeat, bool):
+                if given_repeat < span:
+                    raise repeat_where.error(
+                        "must be true, false, or every how many ARGV the pattern repeats "
+                        f"(at least its span, {span}), got {given_repeat}"
+                    )
+                repeat = given_repeat
+            elif _to_bool(given_repeat, repeat_where):
+                repeat = span
         scripts.append(
             Script(name, hash_key, tuple(pairs), sha1, body_file, function, repeat, line, body)
         )

@@ -459,6 +459,13 @@ class KeyRing:
         header = _HEADER.match(value)
         return None if header is None else header.group(2).decode("ascii")
 
+    def owns(self, value: bytes) -> bool:
+        """Whether the value is fieldcrypt's to open or to report: a version 1 header
+        naming a key of this ring (damaged or not), or a whole well-formed envelope (of
+        a key the ring lacks). Bytes that only start with the prefix are neither."""
+        header = _HEADER.match(value)
+        return header is not None and (header.group(2) in self._by_kid or is_envelope(value))
+
     def needs_rotation(self, value: bytes) -> bool:
         """True for an envelope sealed under a key other than the primary (not for
         plaintext, and never in decrypt-only mode)."""

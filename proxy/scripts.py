@@ -20,6 +20,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import hiredis
@@ -27,13 +28,7 @@ import hiredis
 from proxy import resp
 from proxy.commands import FieldCrypt, display_name
 from proxy.config import Script
-from proxy.crypto import (
-    DECRYPT_CACHE_MAX_REPLY,
-    HEADER_PREFIX,
-    MODE_KEY,
-    DecryptError,
-    is_envelope,
-)
+from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, HEADER_PREFIX, MODE_KEY, DecryptError
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
 log = logging.getLogger("fieldcrypt")
@@ -124,13 +119,13 @@ class ScriptBook:
 
 def declared_positions(script: Script, argc: int) -> list[tuple[int, int]]:
     """0-based (field, value) indexes into ARGV of an `argc`-long ARGV. With `repeat`, the
-    pattern's span (its first to its last position) repeats right after itself, so
-    `[[2, 3]]` covers (2, 3), (4, 5), ... after a fixed ARGV[1]. Every pair inside ARGV
-    counts, also those of a repetition that ARGV ends part-way through."""
+    pattern repeats every `repeat` ARGV (by default its span, so `[[2, 3]]` covers
+    (2, 3), (4, 5), ... after a fixed ARGV[1]). Every pair inside ARGV counts, also
+    those of a repetition that ARGV ends part-way through."""
     pairs = [(f - 1, v - 1) for f, v in script.field_values]
     if not pairs:
         return []
-    stride = max(map(max, pairs)) - min(map(min, pairs)) + 1 if script.repeat else argc + 1
+    stride = script.repeat or argc + 1
     out: list[tuple[int, int]] = []
     for offset in range(0, argc, stride):
         out += [
@@ -157,6 +152,10 @@ class Scripts:
         self.book = book
         self.refuse = policy == "refuse"
         self.rules = crypt.rules
+        # Field names the rules spell out (no glob): the only names a message may show.
+        self.literal_fields = frozenset(
+            f.encode() for rule in crypt.rules.rules for f in rule.fields if _is_literal(f)
+        )
         # (db, (command, body/SHA1/function, numkeys, *KEYS)) -> its decision, for calls
         # of undeclared scripts: these depend on nothing else (the book only grows, and
         # a learned declaration clears them), so a repeated call is one lookup.
@@ -168,10 +167,26 @@ class Scripts:
         return handlers
 
     def script_load(self, session: Session, args: list[bytes]) -> Outcome:
-        """SCRIPT LOAD teaches the proxy a body's SHA1 (as Redis computes it)."""
-        if len(args) == 3 and args[1].upper() == b"LOAD":
+        """SCRIPT LOAD teaches the proxy a body's SHA1 (as Redis computes it). SCRIPT
+        EXISTS answers 0 for a SHA1 whose body this process hasn't seen, while some
+        declaration is by body file, so a client that asks before EVALSHA (redis-py's
+        pipelines do) loads the body through the proxy."""
+        sub = args[1].upper() if len(args) > 1 else b""
+        if sub == b"LOAD" and len(args) == 3:
             self._learn(args[2])
+        elif sub == b"EXISTS" and self.book.by_body:
+            unseen = frozenset(i for i, sha in enumerate(args[2:]) if self._unseen(sha))
+            if unseen:
+                return Forward(None, partial(_not_loaded, unseen))
         return None
+
+    def _unseen(self, sha: bytes) -> bool:
+        """A SHA1 of a body this process hasn't seen (while it has room to remember)."""
+        book = self.book
+        name = sha.decode("ascii", "replace").lower()
+        return (
+            name not in book.bodies and name not in book.by_sha1 and len(book.bodies) < MAX_LEARNED
+        )
 
     def _learn(self, body: bytes) -> str:
         sha1 = hashlib.sha1(body).hexdigest()
@@ -313,8 +328,24 @@ class Scripts:
         for key in keys:
             key_rules = self.rules.match_key(db, key)
             for rule in key_rules.rules if key_rules is not None else ():
-                candidates += [f.encode() for f in rule.fields if not set(f) & set("*?[\\")]
+                candidates += [f.encode() for f in rule.fields if _is_literal(f)]
         return list(dict.fromkeys(candidates))
+
+
+def _not_loaded(unseen: frozenset[int], session: Session, frame: bytes) -> bytes:
+    """A SCRIPT EXISTS reply with 0 for the SHA1s at `unseen`; an error as it came."""
+    lines = frame.split(b"\r\n")
+    if not frame.startswith(b"*") or len(lines) != int(lines[0][1:]) + 2:
+        return frame
+    for i in unseen:
+        if lines[i + 1][:1] == b":":
+            lines[i + 1] = b":0"
+    return b"\r\n".join(lines)
+
+
+def _is_literal(field_glob: str) -> bool:
+    """Whether a rule's field glob names exactly one field."""
+    return not set(field_glob) & set("*?[\\")
 
 
 def _sealed_values(frame: bytes) -> tuple[dict[bytes, bytes | None], int] | None:
@@ -453,7 +484,7 @@ class _ScriptReply:
         cached = keyring.cached
         key = self.keys[0]
         refused: list[tuple[bytes, bytes | None]] = []  # what no key and name opened
-        foreign = 0  # values that only start like an envelope: not fieldcrypt's, kept as they are
+        foreign = 0  # values that only start like an envelope: not fieldcrypt's, kept as is
         for stored, name in found.items():
             # The decrypt cache holds only what authenticated: a hit is the answer.
             plain = cached((stored, name, key)) if cached is not None and name is not None else None
@@ -461,7 +492,7 @@ class _ScriptReply:
                 plain = self.open(stored, name)
                 if plain is None:
                     plain = stored  # what `raw` gives; `error` raises below
-                    if is_envelope(stored):
+                    if keyring.owns(stored):
                         refused.append((stored, name))
                     else:
                         foreign += 1
@@ -506,7 +537,7 @@ class _ScriptReply:
             if value.kind == 36 and value.data.startswith(HEADER_PREFIX):  # '$'
                 plain = self.open(value.data, name)
                 if plain is None:
-                    if not is_envelope(value.data):
+                    if not self.crypt.keyring.owns(value.data):
                         return value  # only starts like one: not fieldcrypt's
                     return resp.Blob(36, self.refuse(value.data, name))
                 self.crypt.counts["decrypted"] += 1
@@ -550,9 +581,9 @@ class _ScriptReply:
 
     def refuse(self, stored: bytes, name: bytes | None) -> bytes:
         """What `on_decrypt_error` makes of a value `open` could not open: the stored
-        bytes under `raw`, else ReplyError. The name is shown only when it is a protected
-        field's: the element before a value in a reply may be another value."""
-        if name is not None and not self.crypt.field_is_protected(name):
+        bytes under `raw`, else ReplyError. The name is shown only when a rule names that
+        field literally: the element before a value in a reply may be another value."""
+        if name not in self.scripts.literal_fields:
             name = None
         shown = display_name(name) if name is not None else "?"
         try:

@@ -598,11 +598,41 @@ def test_scripts_load(tmp_path: Path) -> None:
     save, body = settings.scripts
     assert save.sha1 == "3c2f9a0b1d4e5f60718293a4b5c6d7e8f9a0b1c2"
     assert save.field_values == ((1, 2), (3, 4))
-    assert save.repeat
+    assert save.repeat == 4  # true: the pattern's span
     assert body.body_file == str(tmp_path / "lua" / "save.lua")
     assert body.body == (tmp_path / "lua" / "save.lua").read_bytes()  # read at load
     assert save.body is None
-    assert not body.repeat
+    assert body.repeat == 0
+
+
+def one_script(field_values: str, repeat: str | None = None) -> str:
+    """A config declaring one function; `repeat` on line 6 when given."""
+    text = f"""
+        scripts:
+          - name: s
+            function: f
+            hash_key: 1
+            field_values: {field_values}
+    """
+    return text.rstrip(" ") + (f"            repeat: {repeat}\n" if repeat is not None else "")
+
+
+def test_repeat_is_the_span_or_a_number_of_argv_at_least_that(tmp_path: Path) -> None:
+    def repeat_of(pairs: str, repeat: str) -> int:
+        (script,) = load(tmp_path, one_script(pairs, repeat)).scripts
+        return script.repeat
+
+    assert repeat_of("[[2, 3]]", "true") == 2
+    assert repeat_of("[[1, 2]]", "3") == 3  # (field, value, something else) records
+    assert repeat_of("[[1, 2]]", "false") == 0
+    message = load_error(tmp_path, one_script("[[1, 2], [3, 4]]", "3"))
+    assert "fieldcrypt.yaml:6:" in message and "at least its span, 4" in message
+
+
+@pytest.mark.parametrize("pairs", ["[[1, 1]]", "[[1, 2], [2, 3]]", "[[1, 2], [3, 1]]"])
+def test_a_script_may_not_use_an_argv_position_twice(tmp_path: Path, pairs: str) -> None:
+    message = load_error(tmp_path, one_script(pairs))
+    assert "fieldcrypt.yaml:5:" in message and "names an ARGV position twice" in message
 
 
 def test_a_body_file_that_cannot_be_read_names_its_line_and_path(tmp_path: Path) -> None:

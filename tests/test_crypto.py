@@ -316,6 +316,17 @@ def test_replaced_payload_character_fails_authentication() -> None:
     assert decrypt_reason(ring, tampered, b"f", b"k") == AUTH_FAILED
 
 
+def test_a_ring_owns_what_names_one_of_its_keys_or_is_a_whole_envelope() -> None:
+    ring = ring_of(KEY_A)
+    stored = ring.encrypt(b"v", b"f")
+    lost = ring_of(KEY_B).encrypt(b"v", b"f")  # under a key this ring lacks
+
+    assert ring.owns(stored) and ring.owns(stored[:30])  # damaged: still one to report
+    assert ring.owns(lost) and not ring.owns(lost[:30])
+    assert not ring.owns(b"$fc1$f$AAAAAAAAAAA$ just text")
+    assert not ring.owns(b"$fc1$ text") and not ring.owns(b"plain")
+
+
 def test_truncated_value_is_rejected() -> None:
     ring = ring_of(KEY_A)
     stored = ring.encrypt(b"some secret value", b"f")

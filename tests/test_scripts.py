@@ -48,6 +48,11 @@ UNDECLARED_WRITER_SHA = hashlib.sha1(UNDECLARED_WRITER).hexdigest()
 HSET_TTL = (
     b"redis.call('HSET', KEYS[1], unpack(ARGV, 2)); return redis.call('EXPIRE', KEYS[1], ARGV[1])"
 )
+# (field, value, note) records: declared [[1, 2]], repeat: 3.
+WITH_NOTES = (
+    b"for i = 1, #ARGV, 3 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], "
+    b"ARGV[i] .. 'Note', ARGV[i + 2]) end return #ARGV / 3"
+)
 
 IAD_PROTECTED = (b"imap", b"smtp", b"oauth2")
 MARKER = b"serviceSecretOrigin"  # the marker the set-if-missing script writes; protected
@@ -116,6 +121,13 @@ class Fieldcrypt(ConfiguredProxy):
                         "hash_key": 1,
                         "field_values": [[2, 3]],
                         "repeat": True,
+                    },
+                    {
+                        "name": "with-notes",
+                        "sha1": hashlib.sha1(WITH_NOTES).hexdigest(),
+                        "hash_key": 1,
+                        "field_values": [[1, 2]],
+                        "repeat": 3,
                     },
                 ],
                 "script_policy": script_policy,
@@ -688,30 +700,86 @@ def test_a_repeated_pattern_after_a_fixed_argument_seals_every_pair(
     assert client.hgetall("iad:31") == {n: n + b"-31" for n in IAD_PROTECTED}
 
 
-def test_a_local_answer_under_client_reply_skip_keeps_the_replies_in_step(
+def test_records_of_three_with_a_pair_in_each_are_sealed_with_repeat_3(
     fc: Fieldcrypt, protocol: int
 ) -> None:
-    """A request the proxy answers itself (a refusal; the one-off NOSCRIPT) never reaches
-    Redis, so Redis must still skip a reply: the next request's, unless one goes in its place."""
-    fc.direct.set("k", "before")
-    refused = ["EVAL", UNDECLARED_WRITER, "1", "iad:32", "imap", "leak"]
-    fc.restart(script_policy="refuse")
-    nudged = ["EVALSHA", fc.direct.script_load(UNDECLARED_WRITER), "1", "iad:32", "imap", "leak"]
-    for answered_here in (refused, nudged):
-        assert fc.proxy is not None
-        through = Wire(fc.proxy.port, protocol)
-        try:
-            replies = through.pipeline(
-                [["CLIENT", "REPLY", "SKIP"], answered_here, ["GET", "k"], ["SET", "k", "after"]],
-                2,
-            )
-            assert replies == [b"$6\r\nbefore\r\n", b"+OK\r\n"], answered_here[0]
-            assert through.call("GET", "k") == b"$5\r\nafter\r\n"
-        finally:
-            through.close()
-        fc.direct.set("k", "before")
-        fc.restart()  # passthrough, and a proxy that never saw the body: NOSCRIPT once
-    assert fc.direct.exists("iad:32") == 0
+    client = fc.client(protocol)
+    records = [x for n in IAD_PROTECTED for x in (n, n + b"-34", b"set by " + n)]
+
+    assert client.eval(WITH_NOTES, 1, "iad:34", *records) == 3
+
+    assert_sealed(fc.direct, {(b"iad:34", n): n + b"-34" for n in IAD_PROTECTED}, fc.key_a)
+    assert fc.direct.hget("iad:34", "smtpNote") == b"set by smtp"  # no rule: as written
+
+
+def test_a_redis_py_pipeline_loads_a_body_redis_has_but_the_proxy_never_saw(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    """redis-py asks SCRIPT EXISTS before a pipeline's EVALSHA and loads only what is
+    missing: the proxy answers 0 for a body it hasn't seen, so it sees it."""
+    trimmed = SET_IF_MISSING.strip()  # a body-file declaration, as a client may send it
+    fc.direct.script_load(trimmed)  # Redis has it from before this proxy started
+    script = fc.client(protocol).register_script(trimmed)
+    pipe = fc.client(protocol).pipeline(transaction=True)
+    script(keys=["iad:35"], args=["imap", "imap-35", "imapSetBy", "p"], client=pipe)
+
+    assert pipe.execute() == [1]
+    assert_sealed(fc.direct, {(b"iad:35", b"imap"): b"imap-35"}, fc.key_a)
+    assert fc.client(protocol).script_exists(hashlib.sha1(trimmed).hexdigest()) == [True]
+
+
+def test_a_damaged_envelope_in_a_script_reply_follows_on_decrypt_error(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    client = fc.client(protocol)
+    client.hset("iad:36", "imap", "imap-36")
+    stored = fc.direct.hget("iad:36", "imap")
+    assert stored is not None
+    damaged = stored[:40] + b"." + stored[41:]  # not base64url: malformed, under our key
+    fc.direct.hset("iad:36", "imap", damaged)
+
+    assert "malformed envelope" in error_of(lambda: client.hget("iad:36", "imap"))
+    assert "cannot decrypt" in error_of(lambda: client.eval(HGET_IMAP, 1, "iad:36"))
+    listed = b"return redis.call('HGETALL', KEYS[1])"
+    assert "cannot decrypt" in error_of(lambda: client.eval(listed, 1, "iad:36"))
+
+
+def test_requests_the_proxy_answers_itself_keep_client_reply_in_step(
+    fc: Fieldcrypt, protocol: int
+) -> None:
+    """A request the proxy answers itself (a refusal, the one-off NOSCRIPT, FIELDCRYPT
+    RELOAD once it's done) never reaches Redis: under SKIP one that Redis skips goes in
+    its place, under OFF nothing shows. RESET's reply Redis skips itself (not under OFF)."""
+    fc.client(protocol).hset("iad:32", "imap", "imap-32")
+    read = ["HGET", "iad:32", "imap"]
+    plain = b"$7\r\nimap-32\r\n"
+    sha = fc.direct.script_load(UNDECLARED_WRITER)
+    cases: list[tuple[str, list[str], bytes]] = [  # policy, request, its reply under OFF
+        ("refuse", ["EVAL", UNDECLARED_WRITER.decode(), "1", "iad:32", "imap", "leak"], b""),
+        ("passthrough", ["EVALSHA", sha, "1", "iad:32", "imap", "leak"], b""),  # NOSCRIPT
+        ("passthrough", ["FIELDCRYPT", "RELOAD"], b""),
+        ("passthrough", ["RESET"], b"+RESET\r\n"),
+    ]
+    for policy, answered_here, under_off in cases:
+        for mode in ("SKIP", "OFF"):
+            fc.restart(script_policy=policy)  # a proxy that never saw the script's body
+            assert fc.proxy is not None
+            through = Wire(fc.proxy.port, protocol)
+            try:
+                requests: list[list[str | bytes]] = [["CLIENT", "REPLY", mode], [*answered_here]]
+                requests.append(read)
+                if mode == "OFF":
+                    requests.append(["CLIENT", "REPLY", "ON"])
+                requests.append(read)
+                expected = [plain, plain] if mode == "SKIP" else [b"+OK\r\n", plain]
+                if mode == "OFF" and under_off:
+                    expected = [under_off, plain, *expected]
+                got = through.pipeline(requests, len(expected))
+                assert got == expected, (answered_here[0], mode)
+                assert through.call("PING", "end") == b"$3\r\nend\r\n"
+            finally:
+                through.close()
+    assert_sealed(fc.direct, {(b"iad:32", b"imap"): b"imap-32"}, fc.key_a)
 
 
 def test_the_one_off_noscript_inside_multi_aborts_the_transaction(
