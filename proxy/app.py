@@ -192,11 +192,13 @@ async def read_databases(state: ProxyState) -> bool:
     refuse is not followed; False while the upstream can't be reached. Until it is
     known, a SELECT is followed as sent."""
     try:
-        client = await RedisClient.connect(state.target)  # within the connect timeout
-    except ClientError:
+        async with asyncio.timeout(state.target.connect_timeout + 2.0):  # the handshake too
+            client = await RedisClient.connect(state.target)
+    except (ClientError, TimeoutError):
         return False
     try:
-        reply = await asyncio.wait_for(client.execute("CONFIG", "GET", "databases"), 2.0)
+        async with asyncio.timeout(2.0):
+            reply = await client.execute("CONFIG", "GET", "databases")
         state.databases = int(dict(zip(reply[::2], reply[1::2], strict=True))[b"databases"])
     except Exception as error:  # refused by ACL, renamed, not a number
         log.info("cannot read the upstream's databases setting (%s)", error.__class__.__name__)
@@ -276,13 +278,13 @@ async def _serve(
         server = ClusterServer(runtime.state, runtime.topology, settings.cluster_announce_self)
     runtime.server = server
     tasks: set[asyncio.Task[Any]] = set()
-    if runtime.topology is None and not await read_databases(runtime.state):
+    if runtime.topology is None:  # never in the way of listening
 
-        async def read_later() -> None:  # the upstream may start after the proxy
+        async def read_until_known() -> None:  # the upstream may start after the proxy
             while not await read_databases(runtime.state):
                 await asyncio.sleep(5)
 
-        task = asyncio.get_running_loop().create_task(read_later())
+        task = asyncio.get_running_loop().create_task(read_until_known())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     host, port = split_listen(settings.listen)

@@ -412,29 +412,28 @@ class Table:
         transform = self._values_for_fields(session, args[1], args[start:])
         return Forward(transform=transform) if transform else None
 
-    def _open_pairs(self, session: Session, key: bytes, pairs: list[Any]) -> list[Any]:
-        """Decrypt the values of a flat field/value list, in place."""
-        key_rules = self.rules.match_key(session.db, key)
-        if key_rules is None:
-            return pairs
+    def _open_pairs(self, key_rules: KeyRules, key: bytes, pairs: list[Any]) -> list[Any]:
+        """Decrypt the values of a flat field/value list, in place, under the rules of the
+        db the request was sent in (a SELECT pipelined behind it changes nothing)."""
         self.crypt.open_pairs(key_rules, key, pairs)
         return pairs
 
     def hgetall(self, session: Session, args: list[bytes]) -> Outcome:
-        if len(args) != 2 or self.rules.match_key(session.db, args[1]) is None:
+        key_rules = self.rules.match_key(session.db, args[1]) if len(args) == 2 else None
+        if key_rules is None:
             return None
         key = args[1]
 
         def transform(session: Session, frame: bytes) -> bytes:
             reply = _decode(frame)
             if type(reply) is list:
-                return _array(session, self._open_pairs(session, key, reply))
+                return _array(session, self._open_pairs(key_rules, key, reply))
             if isinstance(reply, dict):  # RESP3 map
                 pairs = [item for pair in reply.items() for item in pair]
-                self._open_pairs(session, key, pairs)
+                self._open_pairs(key_rules, key, pairs)
                 return b"%%%d\r\n%b" % (len(reply), _elements(session, pairs))
             if isinstance(reply, list):
-                return _array(session, self._open_pairs(session, key, reply))
+                return _array(session, self._open_pairs(key_rules, key, reply))
             return frame
 
         return Forward(transform=transform)
@@ -442,7 +441,8 @@ class Table:
     def hvals(self, session: Session, args: list[bytes]) -> Outcome:
         # Values alone can't be decrypted (each is bound to its field name): ask for
         # HGETALL, which reads the same snapshot, and drop the names.
-        if len(args) != 2 or self.rules.match_key(session.db, args[1]) is None:
+        key_rules = self.rules.match_key(session.db, args[1]) if len(args) == 2 else None
+        if key_rules is None:
             return None
         key = args[1]
 
@@ -454,13 +454,14 @@ class Table:
                 pairs = reply
             else:
                 return frame
-            return _array(session, self._open_pairs(session, key, pairs)[1::2])
+            return _array(session, self._open_pairs(key_rules, key, pairs)[1::2])
 
         return Forward(resp.encode_request([b"HGETALL", key]), transform)
 
     def hscan(self, session: Session, args: list[bytes]) -> Outcome:
         # HSCAN key cursor [MATCH pattern] [COUNT count] [NOVALUES]
-        if len(args) < 3 or self.rules.match_key(session.db, args[1]) is None:
+        key_rules = self.rules.match_key(session.db, args[1]) if len(args) >= 3 else None
+        if key_rules is None:
             return None
         if _hscan_novalues(args):
             return None  # field names only
@@ -470,7 +471,7 @@ class Table:
             reply = _decode(frame)
             if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
                 return frame
-            self._open_pairs(session, key, reply[1])
+            self._open_pairs(key_rules, key, reply[1])
             return _array(session, reply)
 
         return Forward(transform=transform)
@@ -479,7 +480,8 @@ class Table:
         # HRANDFIELD key [count [WITHVALUES]]
         if len(args) != 4 or args[3].upper() != b"WITHVALUES":
             return None
-        if self.rules.match_key(session.db, args[1]) is None:
+        key_rules = self.rules.match_key(session.db, args[1])
+        if key_rules is None:
             return None
         key = args[1]
 
@@ -489,9 +491,9 @@ class Table:
                 return frame
             if reply and isinstance(reply[0], list):  # RESP3: [[field, value], ...]
                 for pair in reply:
-                    self._open_pairs(session, key, pair)
+                    self._open_pairs(key_rules, key, pair)
             else:
-                self._open_pairs(session, key, reply)
+                self._open_pairs(key_rules, key, reply)
             return _array(session, reply)
 
         return Forward(transform=transform)

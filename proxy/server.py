@@ -264,6 +264,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = protocol
         assert protocol.transport is not None and self.session is not None
+        self.session.databases = self.state.databases  # read since the session began, maybe
         if self.early:
             protocol.transport.writelines(self.early)
             self.early = []

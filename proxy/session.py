@@ -604,6 +604,7 @@ class Session:
                 return 0
             self.in_multi = False
             self.reply_mode = b"ON"
+            self._follow_db(self.initial_db)  # for the requests behind it (RESET can't fail)
             self._update_slow()
             return ResetEntry()
         if name == b"SELECT":

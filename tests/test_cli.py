@@ -270,3 +270,20 @@ def test_serve_takes_listen_and_upstream_from_flags_then_environment_then_dotenv
         assert serve.stop() == 0
     finally:
         serve.kill()
+
+
+def test_an_upstream_that_never_answers_does_not_keep_the_proxy_from_listening(
+    tmp_path: Path,
+) -> None:
+    """The proxy asks its upstream for `databases` at start, in the background: an
+    upstream that accepts but never answers the AUTH handshake must not hold it up."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        upstream = f"redis://:secret@127.0.0.1:{silent.getsockname()[1]}"
+        serve = Serve("--listen", "127.0.0.1:0", "--upstream", upstream, cwd=tmp_path)
+        try:
+            assert is_listening(serve.port)
+            assert serve.stop() == 0
+        finally:
+            serve.kill()

@@ -334,6 +334,35 @@ def test_a_select_redis_refuses_leaves_the_proxy_on_the_db_in_use(
     )
 
 
+def test_requests_behind_a_select_keep_the_rules_of_the_db_they_were_sent_in(
+    fc: Fieldcrypt,
+) -> None:
+    """A read's reply is opened under the db it was sent in, though a SELECT pipelined
+    behind it has moved on; a write behind SELECT then RESET is in the first db again."""
+    fc.client().hset("settings", "serviceSecret", "s-0")
+    through = fc.wire()
+    try:
+        read, _, _, _ = through.pipeline(
+            [
+                ["HGETALL", "settings"],
+                ["SELECT", "1"],
+                ["RESET"],
+                ["HSET", "settings", "smtpServerPassword", "p-0"],
+            ],
+            4,
+        )
+        in_multi = through.pipeline(
+            [["MULTI"], ["HGETALL", "settings"], ["SELECT", "1"], ["EXEC"]], 4
+        )[-1]
+    finally:
+        through.close()
+
+    assert b"s-0" in read and HEADER_PREFIX not in read
+    assert b"s-0" in in_multi and HEADER_PREFIX not in in_multi
+    store = raw_store(fc.direct)
+    assert_sealed(store, ring_of(fc.key_a), {(b"settings", b"smtpServerPassword"): b"p-0"})
+
+
 # --- Reads ------------------------------------------------------------------------
 
 # Each read, and how to compare its replies: "exact" bytes, or elements whose order is
