@@ -417,6 +417,11 @@ _ARRAY_LENGTHS: Final = {b"*%d" % n: n for n in range(1, 1025)}
 _BULK_LENGTHS: Final = {b"$%d" % n: n for n in range(4097)}
 
 
+def redis_int(value: bytes) -> int | None:
+    """An argument read as a number the way Redis reads one (numkeys, a SELECT index)."""
+    return _to_int(value, 0, len(value))
+
+
 def _to_int(buf: bytearray | bytes, start: int, end: int) -> int | None:
     """Parse a decimal the way Redis's string2ll does: no sign but '-', no leading zeros."""
     text = bytes(buf[start:end])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -39,7 +38,6 @@ MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out ev
 MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
 # numkeys as sent -> where ARGV starts in the arguments, for calls that may be remembered
 _ARGV_AT: Final = {b"%d" % n: 3 + n for n in range(MAX_DECIDED_KEYS + 1)}
-_INTEGER: Final = re.compile(rb"0|-?[1-9][0-9]{0,17}")  # what Redis reads as numkeys
 SCRIPT_COMMANDS: Final = {
     b"EVAL": "body",
     b"EVAL_RO": "body",
@@ -212,9 +210,10 @@ class Scripts:
 
     def _call_unusual(self, session: Session, args: list[bytes]) -> Outcome:
         """A call with many KEYS, a long EVAL body, or numkeys Redis refuses."""
-        if len(args) < 3 or not _INTEGER.fullmatch(args[2]):
+        numkeys = resp.redis_int(args[2]) if len(args) >= 3 else None
+        if numkeys is None:
             return None  # Redis answers the error
-        argv_at = 3 + int(args[2])
+        argv_at = 3 + numkeys
         if argv_at < 3 or argv_at > len(args):
             return None  # Redis answers the error
         return self._decide(session, args, argv_at)

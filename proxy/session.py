@@ -16,7 +16,6 @@ edit here.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -317,8 +316,6 @@ def _resp2_push(buf: bytes | bytearray, start: int) -> bool:
         )
     )
 
-
-_DB_INDEX: Final = re.compile(rb"0|[1-9][0-9]{0,9}")  # a SELECT index as Redis reads it
 
 # Goes upstream in the place of a request answered locally under CLIENT REPLY SKIP.
 _SKIPPED: Final = b"*1\r\n$4\r\nPING\r\n"
@@ -654,9 +651,9 @@ class Session:
     def _selectable(self, args: list[bytes]) -> int | None:
         """The db of a SELECT that Redis will accept: a number as Redis reads one, below
         the upstream's `databases` when known; None for one Redis refuses."""
-        if len(args) != 2 or not _DB_INDEX.fullmatch(args[1]):
+        db = resp.redis_int(args[1]) if len(args) == 2 else None
+        if db is None or db < 0:
             return None
-        db = int(args[1])
         return db if self.databases is None or db < self.databases else None
 
     def _client_reply(self, mode: bytes) -> None:
