@@ -1300,6 +1300,22 @@ def _cross_check(settings: Settings, wheres: Mapping[str, _Where], warnings: lis
     if not settings.rules:
         where = settings.config_path or "no config file"
         warnings.append(f"{where}: no rules: given, so every field passes through unencrypted")
+    strict = [
+        f"rules[{index}]" + (f" (line {rule.line})" if rule.line is not None else "")
+        for index, rule in enumerate(settings.rules)
+        if rule.require_encrypted
+    ]
+    if settings.on_decrypt_error == "raw" and strict:
+        # FieldCrypt.open: require_encrypted refuses what lacks the header; raw then
+        # returns whatever has it and does not decrypt.
+        warnings.append(
+            wheres["on_decrypt_error"].text(
+                f"is raw, which wins over require_encrypted: true of {', '.join(strict)}: "
+                "a value there that starts with $fc1$ but does not decrypt reaches the "
+                "application as stored, so whoever can write to Redis can plant one; set "
+                "on_decrypt_error: error to refuse it"
+            )
+        )
 
 
 def _check_unknown_env(
@@ -1504,9 +1520,12 @@ def explain(settings: Settings) -> str:
         add("  none: every field passes through unencrypted")
     for number, rule in enumerate(settings.rules, start=1):
         db = "any db" if rule.db is None else f"db {rule.db}"
+        strict = "plaintext refused"
+        if settings.on_decrypt_error == "raw":
+            strict += ", but a $fc1$ value that does not decrypt is returned as stored (raw)"
         notes = [
             "bound to the key name" if rule.bind_key else "not bound to the key name",
-            "plaintext refused" if rule.require_encrypted else "plaintext passes through",
+            strict if rule.require_encrypted else "plaintext passes through",
         ]
         if rule.refuse_scripts:
             notes.append("scripts naming its keys refused")

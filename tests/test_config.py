@@ -572,6 +572,56 @@ def test_no_rules_warns(tmp_path: Path) -> None:
     assert any("no rules" in w for w in settings.warnings)
 
 
+RAW_OVER_REQUIRE_ENCRYPTED = """
+    rules:
+      - key: "iad:*"
+        fields: [imap]
+      - key: "settings"
+        fields: [serviceSecret]
+        require_encrypted: true
+    on_decrypt_error: raw
+"""
+
+
+def test_raw_with_require_encrypted_warns_naming_both_lines(tmp_path: Path) -> None:
+    settings = load(tmp_path, RAW_OVER_REQUIRE_ENCRYPTED)
+    assert (
+        "fieldcrypt.yaml:7: on_decrypt_error is raw, which wins over require_encrypted: true "
+        "of rules[1] (line 4): a value there that starts with $fc1$ but does not decrypt "
+        "reaches the application as stored, so whoever can write to Redis can plant one; "
+        "set on_decrypt_error: error to refuse it"
+    ) in settings.warnings
+    # Either alone is fine.
+    for alone in (
+        RAW_OVER_REQUIRE_ENCRYPTED.replace("on_decrypt_error: raw", "on_decrypt_error: error"),
+        RAW_OVER_REQUIRE_ENCRYPTED.replace("require_encrypted: true", "bind_key: true"),
+    ):
+        assert not any("on_decrypt_error" in w for w in load(tmp_path, alone).warnings)
+
+
+def test_raw_from_the_environment_with_require_encrypted_warns_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    text = RAW_OVER_REQUIRE_ENCRYPTED.replace("on_decrypt_error: raw", "")
+    settings = load(tmp_path, text, env={"FIELDCRYPT_ON_DECRYPT_ERROR": "raw"})
+    assert any(
+        w.startswith("FIELDCRYPT_ON_DECRYPT_ERROR: is raw, which wins over require_encrypted")
+        for w in settings.warnings
+    ), settings.warnings
+
+
+def test_explain_says_raw_passes_undecryptable_envelopes_of_a_require_encrypted_rule(
+    tmp_path: Path,
+) -> None:
+    summary = explain(load(tmp_path, RAW_OVER_REQUIRE_ENCRYPTED))
+    assert (
+        "2. key 'settings' (any db, line 4): encrypts fields serviceSecret; not bound to the "
+        "key name; plaintext refused, but a $fc1$ value that does not decrypt is returned "
+        "as stored (raw)"
+    ) in summary
+    assert "warnings:\n  - fieldcrypt.yaml:7: on_decrypt_error is raw" in summary
+
+
 # ---------------------------------------------------------------------------- scripts
 
 
