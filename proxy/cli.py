@@ -53,7 +53,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen", metavar="HOST:PORT", help="where clients connect (127.0.0.1:6380)"
     )
-    serve.add_argument("--upstream", metavar="URL", help="redis://[user:password@]host:port[/db]")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="redis://[user@]host:port[/db]; the password is better in "
+        "FIELDCRYPT_UPSTREAM_PASSWORD_FILE",
+    )
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
     serve.add_argument(
         "--embedded",
@@ -76,15 +81,35 @@ def parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser(
         "migrate",
         help="rewrite stored values: encrypt cleartext, re-key, or decrypt back",
-        description="--secret alone encrypts cleartext; --secret with --decrypt re-keys "
-        "(each old secret is tried); --decrypt alone decrypts back to cleartext. Without "
-        "either, the key ring comes from the config file or FIELDCRYPT_SECRET. Exit code: "
-        "0 when nothing was left undecryptable, 1 otherwise, 2 for usage or connection errors.",
+        description="A new key alone encrypts cleartext; a new key with old keys re-keys "
+        "(each old key is tried); old keys alone decrypt back to cleartext. Without any "
+        "of these flags, the key ring comes from the config file or FIELDCRYPT_SECRET "
+        "(or FIELDCRYPT_SECRET_FILE). Prefer the -file flags: a secret on the command "
+        "line is visible in the process list and shell history. Exit code: 0 when "
+        "nothing was left undecryptable, 1 otherwise, 2 for usage or connection errors.",
     )
-    migrate.add_argument("--redis", metavar="URL", help="redis://[user:password@]host:port[/db]")
-    migrate.add_argument("--secret", help="the new key: values end up encrypted with it")
     migrate.add_argument(
-        "--decrypt", action="append", default=[], metavar="OLD", help="an old key (repeatable)"
+        "--redis",
+        metavar="URL",
+        help="redis://[user@]host:port[/db]; the password is better in "
+        "FIELDCRYPT_UPSTREAM_PASSWORD_FILE",
+    )
+    new_key = migrate.add_mutually_exclusive_group()
+    new_key.add_argument("--secret-file", metavar="FILE", help="a file holding the new key")
+    new_key.add_argument("--secret", help="the new key (visible in ps; prefer --secret-file)")
+    migrate.add_argument(
+        "--decrypt-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file holding an old key (repeatable)",
+    )
+    migrate.add_argument(
+        "--decrypt",
+        action="append",
+        default=[],
+        metavar="OLD",
+        help="an old key (repeatable; visible in ps; prefer --decrypt-file)",
     )
     migrate.add_argument("--config", metavar="FILE", help="YAML configuration with rules:")
     migrate.add_argument("--dry-run", action="store_true", help="change nothing; report and count")

@@ -39,10 +39,13 @@ __all__ = [
     "UpstreamTlsSettings",
     "build_keyring",
     "explain",
+    "flag_key",
     "load_settings",
     "parse_address",
     "parse_upstream",
     "resolve_secrets",
+    "secret_flag_warning",
+    "url_password_warning",
 ]
 
 ENV_PREFIX = "FIELDCRYPT_"
@@ -54,7 +57,7 @@ MiB = 1024 * 1024
 LogFormat = Literal["text", "json"]
 OnDecryptError = Literal["error", "raw"]
 ScriptPolicy = Literal["passthrough", "refuse"]
-KeyKind = Literal["env", "file", "literal", "literal-from-env"]
+KeyKind = Literal["env", "file", "literal", "literal-from-env", "literal-from-flag"]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -148,9 +151,10 @@ class KeySource:
     """Where one key's secret lives; never the secret itself, except for literals.
 
     kind "env" names an environment variable, "file" a path, "literal" a secret written
-    in the config file and "literal-from-env" FIELDCRYPT_SECRET read at load time; those
-    two keep the secret in `secret`, which no repr or message shows. `location` says
-    where the entry was configured, for messages.
+    in the config file, "literal-from-env" FIELDCRYPT_SECRET read at load time and
+    "literal-from-flag" a secret given on the command line; those three keep the secret
+    in `secret`, which no repr or message shows. `location` says where the entry was
+    configured, for messages.
     """
 
     kind: KeyKind
@@ -165,6 +169,8 @@ class KeySource:
             return f"file {self.name_or_path}"
         if self.kind == "literal":
             return f"secret written in the config file ({self.name_or_path})"
+        if self.kind == "literal-from-flag":
+            return f"secret given as {self.name_or_path}"
         if self.name_or_path.endswith("_FILE"):
             return f"file named by {self.name_or_path}"
         return f"environment variable {self.name_or_path}"
@@ -1127,6 +1133,7 @@ def load_settings(
             if override is not None:
                 flag = "--" + name.replace("_", "-")
                 given[name] = _Given(override, _Where(flag), cwd)
+                _warn_of_command_line_secret(name, flag, override, warnings)
 
         values = _defaults()
         wheres: dict[str, _Where] = {}
@@ -1318,6 +1325,16 @@ def _cross_check(settings: Settings, wheres: Mapping[str, _Where], warnings: lis
         )
 
 
+def _warn_of_command_line_secret(name: str, flag: str, value: object, warnings: list[str]) -> None:
+    if name == "upstream" and isinstance(value, str):
+        warning = url_password_warning(flag, value.strip())
+        if warning is not None:
+            warnings.append(warning)
+    elif name in _SECRET_OPTIONS:
+        env = _OPTION_BY_NAME[name].env
+        warnings.append(secret_flag_warning(flag, f"set {env}_FILE instead"))
+
+
 def _check_unknown_env(
     env: Mapping[str, _EnvValue], keys: Sequence[KeySource], warnings: list[str]
 ) -> None:
@@ -1349,6 +1366,37 @@ def _read_key_file(source: KeySource) -> str:
         raise ConfigError(
             f"{source.location}: cannot read key file {source.name_or_path}: {reason}"
         ) from None
+
+
+def flag_key(label: str, value: str, decrypt_only: bool, from_file: bool) -> KeySource:
+    """A key given on the command line: a secret (`--secret X`), or the path of a file
+    holding one (`--secret-file PATH`). `label` names the flag in messages."""
+    if from_file:
+        return KeySource("file", value, decrypt_only, location=label)
+    return KeySource("literal-from-flag", label, decrypt_only, location=label, secret=value)
+
+
+def secret_flag_warning(flag: str, instead: str) -> str:
+    """The one-line warning for a secret given on the command line; never the secret."""
+    return (
+        f"{flag}: puts a secret on the command line, where other users of the machine "
+        f"can read it (ps, /proc) and the shell history keeps it; {instead}"
+    )
+
+
+def url_password_warning(flag: str, url: str) -> str | None:
+    """secret_flag_warning for an upstream URL given as `flag` when it holds a password."""
+    try:
+        password = parse_upstream(url).password
+    except ValueError:
+        return None  # the URL's own error comes first
+    if password is None:
+        return None
+    return secret_flag_warning(
+        flag,
+        f"leave the password out of the URL and set {ENV_PREFIX}UPSTREAM_PASSWORD_FILE "
+        "(or upstream_password: in the config file)",
+    )
 
 
 def resolve_secrets(
@@ -1412,6 +1460,8 @@ def build_keyring(
             key = Key.from_bytes(derive_key(secret), decrypt_only=source.decrypt_only)
         except KeyMaterialError as exc:
             reason = str(exc) if secret not in str(exc) else "it is not a usable key"
+            if source.kind == "file":
+                reason = f"key file {source.name_or_path}: {reason}"
             raise ConfigError(f"{source.location}: {reason}") from None
         first = seen.get(key.kid)
         if first is not None:

@@ -8,33 +8,70 @@ import argparse
 import asyncio
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from proxy.client import ClientError, RedisClient
-from proxy.config import ConfigError, Settings, build_keyring, load_settings, parse_upstream
-from proxy.crypto import Key, KeyMaterialError, KeyRing, derive_key
+from proxy.config import (
+    ENV_PREFIX,
+    ConfigError,
+    KeySource,
+    Settings,
+    build_keyring,
+    flag_key,
+    load_settings,
+    parse_upstream,
+    secret_flag_warning,
+    url_password_warning,
+)
+from proxy.crypto import KeyRing
 from proxy.migrate import AlreadyRunning, Migration, Options, Report, run_locked
 from proxy.server import Target
 
 EXIT_CLEAN, EXIT_UNDECRYPTABLE, EXIT_USAGE = 0, 1, 2
 
 
-def _keyring(args: argparse.Namespace, settings: Settings) -> KeyRing:
-    if args.secret is None and not args.decrypt:
-        return build_keyring(settings, os.environ)
-    given = [("--secret", args.secret, False)] if args.secret is not None else []
-    given += [(f"--decrypt #{n}", old, True) for n, old in enumerate(args.decrypt, start=1)]
-    keys: list[Key] = []
-    for label, secret, decrypt_only in given:
-        try:
-            keys.append(Key.from_bytes(derive_key(secret), decrypt_only=decrypt_only))
-        except KeyMaterialError as error:
-            raise ConfigError(f"{label}: {error}") from None
-    try:
-        return KeyRing(keys)
-    except ValueError as error:
-        raise ConfigError(f"--secret/--decrypt: {error}") from None
+def _flag_keys(args: argparse.Namespace) -> tuple[KeySource, ...]:
+    """The key ring the flags give, new key first; () when they give none."""
+    keys: list[KeySource] = []
+    if args.secret is not None:
+        keys.append(flag_key("--secret", args.secret, False, from_file=False))
+    if args.secret_file is not None:
+        keys.append(flag_key("--secret-file", args.secret_file, False, from_file=True))
+    for flag, values, from_file in (
+        ("--decrypt", args.decrypt, False),
+        ("--decrypt-file", args.decrypt_file, True),
+    ):
+        for number, value in enumerate(values, start=1):
+            label = f"{flag} #{number}" if len(values) > 1 else flag
+            keys.append(flag_key(label, value, True, from_file))
+    return tuple(keys)
+
+
+def _keyring(args: argparse.Namespace, settings: Settings, warnings: list[str]) -> KeyRing:
+    """The flags' keys when any is given, else the config's keys: or FIELDCRYPT_SECRET
+    (or FIELDCRYPT_SECRET_FILE), as `serve` reads them."""
+    keys = _flag_keys(args)
+    if keys:
+        settings = replace(settings, keys=keys)
+    return build_keyring(settings, os.environ, warnings)
+
+
+def command_line_secrets(args: argparse.Namespace) -> list[str]:
+    """A warning for each flag that puts a secret on the command line."""
+    warnings: list[str] = []
+    if args.secret is not None:
+        warnings.append(
+            secret_flag_warning("--secret", f"use --secret-file or {ENV_PREFIX}SECRET_FILE")
+        )
+    if args.decrypt:
+        warnings.append(secret_flag_warning("--decrypt", "use --decrypt-file"))
+    if args.redis is not None:
+        warning = url_password_warning("--redis", args.redis)
+        if warning is not None:
+            warnings.append(warning)
+    return warnings
 
 
 class Progress:
@@ -66,6 +103,11 @@ class Progress:
             self.bar.close()
 
 
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"fieldcrypt migrate: warning: {warning}", file=sys.stderr)
+
+
 def migrate_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, {}, os.environ, Path.cwd())
@@ -74,7 +116,8 @@ def migrate_command(args: argparse.Namespace) -> int:
                 "no rules: are configured, so nothing is protected and there is nothing to "
                 "migrate; pass --config with the proxy's rules"
             )
-        keyring = _keyring(args, settings)
+        warnings = command_line_secrets(args) + list(settings.warnings)
+        keyring = _keyring(args, settings, warnings)
         url = args.redis or settings.upstream
         try:
             upstream = parse_upstream(url)
@@ -99,8 +142,8 @@ def migrate_command(args: argparse.Namespace) -> int:
     )
     if upstream.cluster:
         seeds = upstream.cluster_nodes
-        return asyncio.run(_migrate_cluster(seeds, target, settings, keyring, options))
-    return asyncio.run(_migrate(target, settings, keyring, options))
+        return asyncio.run(_migrate_cluster(seeds, target, settings, keyring, options, warnings))
+    return asyncio.run(_migrate(target, settings, keyring, options, warnings))
 
 
 async def _migrate_cluster(
@@ -109,14 +152,17 @@ async def _migrate_cluster(
     settings: Settings,
     keyring: KeyRing,
     options: Options,
+    warnings: list[str],
 ) -> int:
-    """Every master of a cluster in turn, under one lock (see cluster_server.ClusterJobs)."""
+    """Every master of a cluster in turn, under one lock (see cluster_server.ClusterJobs).
+    Warnings are printed once the job starts: a usage or connection error is one line."""
     from proxy.cluster_server import ClusterJobs, Topology
 
     crypt = type("Crypt", (), {"rules": settings.rule_set, "keyring": keyring})()
     jobs = ClusterJobs(Topology(seeds, target), lambda: crypt)
     try:
         await jobs.start(options)
+        _warn(warnings)
         report = await jobs.wait(None)
     except (AlreadyRunning, ClientError) as error:
         print(f"fieldcrypt migrate: {error}", file=sys.stderr)
@@ -125,12 +171,17 @@ async def _migrate_cluster(
     return _print_report(report)
 
 
-async def _migrate(target: Target, settings: Settings, keyring: KeyRing, options: Options) -> int:
+async def _migrate(
+    target: Target, settings: Settings, keyring: KeyRing, options: Options, warnings: list[str]
+) -> int:
+    """One Redis. Warnings are printed once it answers: a usage or connection error is
+    one line."""
     try:
         client = await RedisClient.connect(target)
     except ClientError as error:
         print(f"fieldcrypt migrate: {error}", file=sys.stderr)
         return EXIT_USAGE
+    _warn(warnings)
     progress = Progress()
     migration = Migration(client, settings.rule_set, keyring, options, on_progress=progress)
     try:
