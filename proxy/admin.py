@@ -299,7 +299,7 @@ class Admin:
             return Defer(run_reload)
         if verb == b"SCRIPTS" and len(args) == 2:
             book = self.scripts() if self.scripts is not None else None
-            seen = sorted(book.seen.values(), key=lambda s: -s.calls) if book is not None else []
+            seen = book.listing() if book is not None else []
             rows = [
                 [("script", s.ident), ("calls", s.calls), ("sample_key", s.sample_key)]
                 for s in seen

@@ -23,6 +23,7 @@ import hiredis
 
 from proxy import resp
 from proxy.crypto import HEADER_PREFIX, DecryptError, KeyRing
+from proxy.loglimit import LogLimiter, suppressed_note
 from proxy.rules import Glob, KeyRules, Rule, RuleSet
 from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
 
@@ -52,6 +53,8 @@ class FieldCrypt:
         self.failures: Counter[str] = Counter()
         self._field_globs = [Glob(f.encode()) for rule in rules.rules for f in rule.fields]
         self._field_rule_memo: dict[KeyRules, dict[bytes, Rule | None]] = {}
+        # Failures are for anyone who can write to Redis to cause: a few lines a minute.
+        self.log_limit = LogLimiter()
 
     def seal(self, rule: Rule, key: bytes, field: bytes, value: bytes) -> bytes:
         """The stored form of a protected value: ciphertext, or cleartext in decrypt-only mode."""
@@ -65,11 +68,14 @@ class FieldCrypt:
         if not value.startswith(HEADER_PREFIX):
             if rule is not None and rule.require_encrypted:
                 self.failures["cleartext refused"] += 1
-                log.warning(
-                    "refused cleartext in field %r of key %r (require_encrypted)",
-                    display_name(field),
-                    display_name(key),
-                )
+                held = self.log_limit.allow((rule.key, field, "cleartext"))
+                if held is not None:
+                    log.warning(
+                        "refused cleartext in field %r of key %r (require_encrypted)%s",
+                        display_name(field),
+                        display_name(key),
+                        suppressed_note(held),
+                    )
                 raise ReplyError(
                     f"ERR fieldcrypt: field '{display_name(field)}' of key "
                     f"'{display_name(key)}' holds cleartext, but its rule requires "
@@ -84,12 +90,15 @@ class FieldCrypt:
             reason = error.reason
             kind = reason.split(" (", 1)[0].split(" has id", 1)[0]
             self.failures[kind] += 1
-            log.warning(
-                "cannot decrypt field %r of key %r: %s",
-                display_name(field),
-                display_name(key),
-                reason,
-            )
+            held = self.log_limit.allow((rule.key if rule is not None else None, field, kind))
+            if held is not None:
+                log.warning(
+                    "cannot decrypt field %r of key %r: %s%s",
+                    display_name(field),
+                    display_name(key),
+                    reason,
+                    suppressed_note(held),
+                )
             if self.raw_on_error:
                 return value
             hint = "; add the old key to keys:" if reason.startswith("no key in the ring") else ""
@@ -275,8 +284,8 @@ class Table:
         }
         return table
 
-    def _rule(self, session: Session, key: bytes, field: bytes) -> Rule | None:
-        key_rules = self.rules.match_key(session.db, key)
+    def _rule(self, db: int, key: bytes, field: bytes) -> Rule | None:
+        key_rules = self.rules.match_key(db, key)
         return key_rules.field_rule(field) if key_rules is not None else None
 
     # Writes ----------------------------------------------------------------------
@@ -318,7 +327,7 @@ class Table:
     def refuse_arithmetic(self, session: Session, args: list[bytes]) -> Outcome:
         if len(args) != 4:
             return None
-        if self._rule(session, args[1], args[2]) is None:
+        if self._rule(session.db, args[1], args[2]) is None:
             return None
         return Answer(
             resp.error_reply(
@@ -356,7 +365,7 @@ class Table:
         if len(args) != 3:
             return None
         key, field = args[1], args[2]
-        rule = self._rule(session, key, field)
+        rule = self._rule(session.db, key, field)
         return None if rule is None else (key, field, rule)
 
     def hget(self, session: Session, args: list[bytes]) -> Outcome:
@@ -546,6 +555,7 @@ class Table:
             element_column = columns
             columns += 1
         width = len(gets)
+        db = session.db  # the request's: a SELECT pipelined behind it changes session.db
 
         def transform(session: Session, frame: bytes) -> bytes:
             rows = _decode(frame)
@@ -561,7 +571,7 @@ class Table:
                         assert read is not None
                         prefix, suffix, field = read
                         key = prefix + element + suffix
-                        value = crypt.open(self._rule(session, key, field), key, field, value)
+                        value = crypt.open(self._rule(db, key, field), key, field, value)
                     out.append(value)
             return _array(session, out)
 

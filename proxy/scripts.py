@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -28,11 +30,15 @@ from proxy import resp
 from proxy.commands import FieldCrypt, display_name
 from proxy.config import Script
 from proxy.crypto import DECRYPT_CACHE_MAX_REPLY, HEADER_PREFIX, MODE_KEY, DecryptError
-from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session, Transform
+from proxy.loglimit import LogLimiter, suppressed_note
+from proxy.rules import Rule
+from proxy.session import Answer, Forward, Handler, Outcome, ReplyError, Session
 
 log = logging.getLogger("fieldcrypt")
 
-MAX_LEARNED: Final = 10_000  # script bodies remembered; a bound, not a working limit
+MAX_LEARNED: Final = 10_000  # SHA1s of bodies seen; a bound, not a working limit
+MAX_VARIANTS: Final = 1024  # SHA1s of declared bodies spelt with other white space
+MAX_SEEN: Final = 256  # undeclared scripts listed by FIELDCRYPT SCRIPTS; the rest: "other"
 MAX_DECISIONS: Final = 1024  # calls of undeclared scripts remembered
 MAX_DECIDED_KEYS: Final = 64  # calls with more KEYS than this are worked out every time
 MAX_DECIDED_BYTES: Final = 4096  # ... and so are calls whose body/SHA1 and KEYS are longer
@@ -46,45 +52,67 @@ SCRIPT_COMMANDS: Final = {
     b"FCALL": "function",
     b"FCALL_RO": "function",
 }
+OTHER: Final = "other"  # the row of undeclared scripts pushed out of the table
 
 
 @dataclass
 class SeenScript:
     """An undeclared script seen touching a protected key."""
 
-    ident: str  # "sha1 <hex>" or "function <name>"
+    ident: str  # "sha1 <hex>" or "function <name>", or OTHER
     calls: int = 0
     sample_key: str = ""
 
 
 @dataclass
 class ScriptBook:
-    """Declared scripts by SHA1 and function name, and what undeclared ones did."""
+    """Declared scripts by SHA1 and function name, and what undeclared ones did.
+
+    What traffic teaches it is bounded whatever a client sends: SHA1s, never bodies;
+    at most MAX_SEEN undeclared scripts, least recently called first out (their calls
+    then count under OTHER); log lines a few a minute."""
 
     by_sha1: dict[str, Script] = field(default_factory=dict)
     by_function: dict[str, Script] = field(default_factory=dict)
     by_body: dict[bytes, Script] = field(default_factory=dict)  # body files, trimmed
-    seen: dict[str, SeenScript] = field(default_factory=dict)
-    bodies: dict[str, bytes] = field(default_factory=dict)  # SHA1 -> trimmed body, as seen
+    variants: dict[str, Script] = field(default_factory=dict)  # SHA1 -> declaration
+    seen: OrderedDict[str, SeenScript] = field(default_factory=OrderedDict)
+    other: SeenScript = field(default_factory=lambda: SeenScript(OTHER))
+    sha1s: set[str] = field(default_factory=set)  # of bodies seen (SCRIPT LOAD, EVAL)
     nudged: set[str] = field(default_factory=set)  # SHA1s answered NOSCRIPT once
+    log_limit: LogLimiter = field(default_factory=LogLimiter)
 
     def carry_over(self, old: ScriptBook) -> None:
-        """Keep what an earlier book learned from traffic (on reload)."""
+        """Keep what an earlier book learned from traffic (on reload): the table of
+        undeclared scripts, and the SHA1s of declared bodies spelt otherwise that are
+        still declared. Other SHA1s seen are not kept: a declaration new in this book
+        may match one of their bodies, and a client sends a body again after one
+        NOSCRIPT or SCRIPT EXISTS 0."""
         self.seen = old.seen
-        self.nudged = old.nudged
-        for sha1, body in old.bodies.items():
-            self.learn(sha1, body)
+        self.other = old.other
+        self.log_limit = old.log_limit
+        for sha1, script in old.variants.items():
+            now = self.by_body.get(script.body.strip()) if script.body is not None else None
+            if now is not None and self.declared(sha1) is None:
+                self.variants[sha1] = now
 
-    def learn(self, sha1: str, trimmed_body: bytes) -> bool:
+    def declared(self, sha1: str) -> Script | None:
+        return self.by_sha1.get(sha1) or self.variants.get(sha1)
+
+    def learn(self, sha1: str, body: bytes) -> bool:
         """A body seen with SCRIPT LOAD or EVAL: a declared body file up to surrounding
         white space (a client may trim it) makes its SHA1 match the declaration, however
         many bodies came before. Returns whether that added a SHA1 to the declarations."""
-        if len(self.bodies) < MAX_LEARNED:  # a bound: past it, only declared bodies count
-            self.bodies[sha1] = trimmed_body
-        if sha1 not in self.by_sha1:
-            script = self.by_body.get(trimmed_body)
+        sha1s = self.sha1s
+        if len(sha1s) >= MAX_LEARNED:
+            sha1s.clear()  # a bound: a SHA1 forgotten costs one NOSCRIPT, never a write
+        sha1s.add(sha1)
+        if self.by_body and self.declared(sha1) is None:
+            script = self.by_body.get(body.strip())
             if script is not None:
-                self.by_sha1[sha1] = script
+                if len(self.variants) >= MAX_VARIANTS:
+                    self.variants.clear()
+                self.variants[sha1] = script
                 return True
         return False
 
@@ -103,16 +131,30 @@ class ScriptBook:
         return book
 
     def record(self, ident: str, key: bytes) -> None:
-        entry = self.seen.get(ident)
+        seen = self.seen
+        entry = seen.get(ident)
         if entry is None:
-            entry = self.seen[ident] = SeenScript(ident, sample_key=display_name(key))
-            log.warning(
-                "undeclared script %s touches protected key %r; declare it in scripts: "
-                "so its writes are encrypted",
-                ident,
-                display_name(key),
-            )
+            if len(seen) >= MAX_SEEN:
+                _, oldest = seen.popitem(last=False)
+                self.other.calls += oldest.calls
+            entry = seen[ident] = SeenScript(ident, sample_key=display_name(key))
+            held = self.log_limit.allow(ident)
+            if held is not None:
+                log.warning(
+                    "undeclared script %s touches protected key %r; declare it in scripts: "
+                    "so its writes are encrypted%s",
+                    ident,
+                    display_name(key),
+                    suppressed_note(held),
+                )
+        else:
+            seen.move_to_end(ident)
         entry.calls += 1
+
+    def listing(self) -> list[SeenScript]:
+        """The table, most called first, and the OTHER row when anything was pushed out."""
+        rows = sorted(self.seen.values(), key=lambda s: -s.calls)
+        return [*rows, self.other] if self.other.calls else rows
 
 
 def declared_positions(script: Script, argc: int) -> list[tuple[int, int]]:
@@ -179,17 +221,15 @@ class Scripts:
         return None
 
     def _unseen(self, sha: bytes) -> bool:
-        """A SHA1 of a body this process hasn't seen (while it has room to remember)."""
+        """A SHA1 of a body this process hasn't seen."""
         book = self.book
         name = sha.decode("ascii", "replace").lower()
-        return (
-            name not in book.bodies and name not in book.by_sha1 and len(book.bodies) < MAX_LEARNED
-        )
+        return name not in book.sha1s and book.declared(name) is None
 
     def _learn(self, body: bytes) -> str:
         sha1 = hashlib.sha1(body).hexdigest()
         book = self.book
-        if sha1 not in book.bodies and book.learn(sha1, body.strip()):
+        if sha1 not in book.sha1s and book.learn(sha1, body):
             self.decisions.clear()  # a body file's SHA1 as a client spells it
         return sha1
 
@@ -224,11 +264,11 @@ class Scripts:
         if kind == "body":
             sha1 = self._learn(args[1])
             ident = f"sha1 {sha1}"
-            script = self.book.by_sha1.get(sha1)
+            script = self.book.declared(sha1)
         elif kind == "sha1":
             sha1 = args[1].decode("ascii", "replace").lower()
             ident = f"sha1 {sha1}"
-            script = self.book.by_sha1.get(sha1)
+            script = self.book.declared(sha1)
         else:
             function = args[1].decode("utf-8", "replace")
             ident = f"function {function}"
@@ -237,12 +277,11 @@ class Scripts:
         keys = args[3:argv_at]
         if script is not None:  # declared: its ARGV changes what goes upstream
             sealed = self._seal(session, script, keys, args, argv_at)
-            return Forward(
+            return self._forward(
                 None if sealed is None else resp.encode_request(sealed),
-                self._reply_transform(db, script, keys, (sealed or args)[argv_at:]),
-                HEADER_PREFIX,
+                _ScriptReply(self, db, script, keys, (sealed or args)[argv_at:]),
             )
-        outcome: Outcome = Forward(None, self._reply_transform(db, None, keys, []), HEADER_PREFIX)
+        outcome: Outcome = self._forward(None, _ScriptReply(self, db, None, keys, []))
         protected: list[bytes] = []
         if not args[0].upper().endswith(b"_RO"):  # Redis lets these write nothing
             protected = [k for k in keys if self.rules.match_key(db, k) is not None]
@@ -282,7 +321,7 @@ class Scripts:
         seen, while some declaration is by body file. Once False for a SHA1 it stays
         False (the book only learns), which lets a decision be remembered."""
         book = self.book
-        if not book.by_body or sha1 in book.bodies or sha1 in book.nudged:
+        if not book.by_body or sha1 in book.sha1s or sha1 in book.nudged:
             return False
         if len(book.nudged) >= MAX_LEARNED:
             book.nudged.clear()  # a bound: a SHA1 may be nudged once more, never forever
@@ -310,25 +349,12 @@ class Scripts:
                 sealed[argv_at + v] = self.crypt.seal(rule, key, name, args[argv_at + v])
         return sealed
 
-    def _reply_transform(
-        self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]
-    ) -> Transform:
-        return _ScriptReply(self, db, script, keys, argv).transform
-
-    def _candidates(
-        self, db: int, script: Script | None, keys: list[bytes], argv: list[bytes]
-    ) -> list[bytes]:
-        """Field names to try for a value whose name the reply's shape doesn't give: the
-        declared ones, then the literal field names of the rules covering KEYS. A wrong
-        guess can't pass: the name is authenticated with the value."""
-        candidates: list[bytes] = []
-        if script is not None:
-            candidates = [argv[f] for f, _ in declared_positions(script, len(argv))]
-        for key in keys:
-            key_rules = self.rules.match_key(db, key)
-            for rule in key_rules.rules if key_rules is not None else ():
-                candidates += [f.encode() for f in rule.fields if _is_literal(f)]
-        return list(dict.fromkeys(candidates))
+    @staticmethod
+    def _forward(request: bytes | None, reply: _ScriptReply) -> Forward:
+        """The call as it goes upstream, its reply through `reply`: only a reply that
+        carries the header, unless a rule of KEYS requires encryption (then cleartext
+        is looked for by shape in every reply)."""
+        return Forward(request, reply.transform, None if reply.strict else HEADER_PREFIX)
 
 
 def _not_loaded(unseen: frozenset[int], session: Session, frame: bytes) -> bytes:
@@ -347,58 +373,76 @@ def _is_literal(field_glob: str) -> bool:
     return not set(field_glob) & set("*?[\\")
 
 
-def _sealed_values(frame: bytes) -> tuple[dict[bytes, bytes | None], int] | None:
-    """Every value in the reply that carries the header, with the field name its shape
-    gives (the element before it, or its map key), and how many such values there are
-    (a value may occur more than once), read by hiredis; None when hiredis can't read
-    the reply."""
-    reader = hiredis.Reader()
-    reader.feed(frame)
-    found: dict[bytes, bytes | None] = {}
-    total = 0
-    try:
-        while (value := reader.gets()) is not False:  # an attribute comes as its own reply
-            total += _collect(value, found)
-    except (hiredis.ProtocolError, TypeError):
+class _Found:
+    """What one pass over hiredis' reading of a reply finds: each value that carries the
+    header, with the field name and key name it is to be opened under, and whether the
+    reply can be rewritten by splicing its bytes (see `_ScriptReply.transform`)."""
+
+    __slots__ = ("reply", "spliceable", "total", "values")
+
+    def __init__(self, reply: _ScriptReply) -> None:
+        self.reply = reply
+        self.values: dict[bytes, tuple[bytes | None, bytes | None]] = {}
+        self.total = 0  # occurrences of such values, duplicates included
+        self.spliceable = True
+
+    def top(self, node: Any) -> None:
+        keys = self.reply.positional_keys(node, _is_hash) if type(node) is list else None
+        if keys is None:
+            self.scan(node, self.reply.fixed_key)
+            return
+        for item, key in zip(node, keys, strict=True):  # element i of KEYS[i]: no names across
+            self.scan(item, key)
+
+    def scan(self, node: Any, key: bytes | None) -> None:
+        if type(node) is list:
+            previous: bytes | None = None  # the name the shape gives the next element
+            for item in node:
+                if type(item) is bytes:
+                    previous = self.string(item, previous, key)
+                else:
+                    if type(item) is list or type(item) is dict:
+                        self.scan(item, key)
+                    previous = None
+        elif type(node) is dict:
+            for name, item in node.items():
+                if type(name) is bytes:
+                    if name.find(HEADER_PREFIX) >= 0:
+                        self.spliceable = False
+                    elif type(item) is bytes:
+                        self.string(item, name, key)
+                        continue
+                if type(item) is bytes:
+                    self.string(item, None, key)
+                elif type(item) is list or type(item) is dict:
+                    self.scan(item, key)
+        elif type(node) is bytes:
+            self.string(node, None, key)
+
+    def string(self, item: bytes, name: bytes | None, key: bytes | None) -> bytes | None:
+        """Note one string of the reply; returns the name it gives the element after it."""
+        at = item.find(HEADER_PREFIX)
+        if at < 0:
+            if name is not None and self.reply.strict:
+                self.reply.check_cleartext(item, name, key)
+            return item
+        if at > 0 or item.find(HEADER_PREFIX, 1) >= 0:
+            self.spliceable = False  # the header inside a value: only whole values are opened
+            return None
+        where = (name, key if item[_MODE_AT] == _MODE_KEY_BYTE else None)
+        known = self.values.setdefault(item, where)
+        if known != where:
+            self.spliceable = False  # the same bytes in two places that open differently
+        self.total += 1
         return None
-    return found, total
-
-
-def _collect(node: Any, found: dict[bytes, bytes | None]) -> int:
-    """Add the values under `node` that carry the header to `found`; returns how many."""
-    total = 0
-    if type(node) is list:
-        previous: bytes | None = None
-        for item in node:
-            if type(item) is bytes:
-                if item.startswith(HEADER_PREFIX):
-                    found[item] = previous
-                    total += 1
-                previous = item
-            else:
-                if type(item) is list or type(item) is dict:
-                    total += _collect(item, found)
-                previous = None
-    elif type(node) is dict:
-        for key, item in node.items():
-            if type(item) is bytes:
-                if item.startswith(HEADER_PREFIX):
-                    found[item] = key if type(key) is bytes else None
-                    total += 1
-            elif type(item) is list or type(item) is dict:
-                total += _collect(item, found)
-    elif type(node) is bytes and node.startswith(HEADER_PREFIX):
-        found[node] = None
-        total = 1
-    return total
 
 
 def _splice(frame: bytes, opened: dict[bytes, bytes]) -> tuple[bytes, int]:
     """`frame` with each bulk string `opened` names replaced by its plaintext, every
     other byte as it was, and how many were replaced. One pass over the header's
-    occurrences, one join. Bytes inside another value that merely look like such a
-    bulk string are replaced too: the caller compares the count with the values
-    hiredis read."""
+    occurrences, one join. Sound only when every occurrence of the header in `frame`
+    starts a value hiredis read (see `_ScriptReply.transform`): then a bulk string
+    header that gives the value's exact length proves a whole bulk string."""
     parts: list[bytes] = []
     done = 0  # frame[:done] is in parts
     find = frame.find
@@ -424,21 +468,64 @@ def _splice(frame: bytes, opened: dict[bytes, bytes]) -> tuple[bytes, int]:
     return b"".join(parts), replaced
 
 
+_MODE_AT: Final = len(HEADER_PREFIX)  # the envelope's mode byte
+_MODE_KEY_BYTE: Final = MODE_KEY[0]
+_NAME_KINDS: Final = frozenset(b"$=+(")  # strings that can name the element after them
+_LIST_KINDS: Final = frozenset(b"*~")
+
+
+def _is_hash(item: Any) -> bool:
+    return type(item) is list or type(item) is dict
+
+
+def _is_hash_value(item: resp.Value) -> bool:
+    return type(item) is resp.Aggregate and not item.null
+
+
+def _name_of(value: resp.Value) -> bytes | None:
+    """The name a string element gives the element after it, as hiredis reads it (a
+    verbatim string without its format prefix); None for anything else."""
+    if type(value) is resp.Blob and value.kind in _NAME_KINDS:
+        data = value.data[4:] if value.kind == 61 else value.data  # '=': 'txt:' first
+    elif type(value) is resp.Simple and value.raw[0] in _NAME_KINDS:
+        data = value.raw[1:-2]
+    else:
+        return None
+    return None if data.startswith(HEADER_PREFIX) else data
+
+
 class _ScriptReply:
-    """What the replies of one script call go through: every value carrying the header
-    is opened, under the name its shape gives, else a candidate field name."""
+    """What the replies of one script call go through.
+
+    A value is opened only under the field name and key name the call and the reply's
+    shape give it (see docs/security.md, "Script replies"):
+    - the field name is the string element just before the value (in a flat
+      field/value array) or its map key; only that name is tried. Where the shape gives
+      no name (a lone value, or one after another value), the names tried are the
+      declared script's fields and the literal field names of the rules covering the
+      value's key (or, where that key isn't known, KEYS): never a glob, never a name
+      the shape gives to something else;
+    - the key name, which counts for envelopes bound to their key, is the declared
+      script's hash key; else the only key in KEYS; else, for a reply that is an array
+      of one element per key, KEYS[i] for everything in element i. Otherwise a
+      key-bound envelope is not opened.
+    A value that doesn't open follows `on_decrypt_error`. Under `require_encrypted`,
+    a string the shape names as such a field that is not an envelope is refused, as
+    HGET refuses it, whether or not the reply carries the header.
+    """
 
     __slots__ = (
+        "_candidates",
         "_context",
-        "_fields",
         "argv",
         "call_keys",
         "crypt",
         "db",
-        "first_key",
-        "keys",
+        "fixed_key",
+        "key_rules",
         "script",
         "scripts",
+        "strict",
     )
 
     def __init__(
@@ -454,14 +541,39 @@ class _ScriptReply:
         self.db = db
         self.script = script
         self.call_keys = keys
-        self.keys = keys or [b""]
-        self.first_key = self.keys[:1]  # enough for an envelope not bound to its key
         self.argv = argv
-        self._fields: list[bytes] | None = None
+        match_key = scripts.rules.match_key
+        self.key_rules = [match_key(db, key) for key in keys]
+        self.fixed_key: bytes | None = None  # the key every value is of, when known
+        if script is not None and 1 <= script.hash_key <= len(keys):
+            self.fixed_key = keys[script.hash_key - 1]
+        elif len(keys) == 1:
+            self.fixed_key = keys[0]
+        self.strict = any(
+            rule.require_encrypted for rules in self.key_rules if rules for rule in rules.rules
+        )
+        self._candidates: dict[bytes | None, list[bytes]] = {}
         self._context: bytes | None = None
+
+    def positional_keys(
+        self, items: list[Any], is_hash: Callable[[Any], bool]
+    ) -> list[bytes] | None:
+        """KEYS, when a reply's top-level `items` read as one hash per key, as
+        `{HGETALL KEYS[1], ...}` builds them: as many arrays or maps as KEYS (two or more)."""
+        keys = self.call_keys
+        if (
+            self.fixed_key is None
+            and len(keys) > 1
+            and len(items) == len(keys)
+            and all(map(is_hash, items))
+        ):
+            return keys
+        return None
 
     def transform(self, session: Session, frame: bytes) -> bytes:
         if frame.find(HEADER_PREFIX) < 0:
+            if self.strict:  # cleartext where an envelope must be: refused by shape
+                self._check_tree(frame)
             return frame  # the common case: nothing protected in this reply
         crypt = self.crypt
         keyring = crypt.keyring
@@ -473,44 +585,64 @@ class _ScriptReply:
             if known is not None:
                 crypt.counts["decrypted"] += known[1]
                 return known[0]
-        sealed = _sealed_values(frame)
-        if sealed is None:  # not something hiredis reads: the lossless tree
-            return self._through_tree(frame)
-        found, total = sealed
-        # A ciphertext is unique (a random nonce): what's opened once is the same wherever
-        # it occurs. Only values read as bulk strings are replaced.
+        found = self._find(frame)
+        # The splice is sound only when every occurrence of the header starts a value
+        # hiredis read (none inside another string, an error or a map key), and each
+        # value opens one way wherever it occurs; else the lossless tree decides.
+        if found is None or not found.spliceable or found.total != frame.count(HEADER_PREFIX):
+            return self.through_tree(frame)
         opened: dict[bytes, bytes] = {}
-        cached = keyring.cached
-        key = self.keys[0]
-        refused: list[tuple[bytes, bytes | None]] = []  # what no key and name opened
+        refused: list[tuple[bytes, bytes | None, bytes | None]] = []  # opened by no name
         foreign = 0  # values that only start like an envelope: not fieldcrypt's, kept as is
-        for stored, name in found.items():
-            # The decrypt cache holds only what authenticated: a hit is the answer.
-            plain = cached((stored, name, key)) if cached is not None and name is not None else None
+        for stored, (name, key) in found.values.items():
+            plain = self.open(stored, name, key)
             if plain is None:
-                plain = self.open(stored, name)
-                if plain is None:
-                    plain = stored  # what `raw` gives; `error` raises below
-                    if keyring.owns(stored):
-                        refused.append((stored, name))
-                    else:
-                        foreign += 1
+                plain = stored  # what `raw` gives; `error` raises below
+                if keyring.owns(stored):
+                    refused.append((stored, name, key))
+                else:
+                    foreign += 1
             opened[stored] = plain
         out, replaced = _splice(frame, opened)
-        if replaced != total:  # a header inside another value, or not a bulk string
-            return self._through_tree(frame)
-        opened_count = len(found) - len(refused) - foreign
+        if replaced != found.total:  # a status reply or verbatim string: not a value
+            return self.through_tree(frame)
+        opened_count = len(found.values) - len(refused) - foreign
         crypt.counts["decrypted"] += opened_count
-        for stored, name in refused:
-            self.refuse(stored, name)  # logs and counts; raises under on_decrypt_error: error
+        for stored, name, key in refused:
+            self.refuse(stored, name, key)  # logs and counts; raises under on_decrypt_error
         if not refused:
             keyring.remember_reply(frame, self.context, out, opened_count)
         return out
 
-    def _through_tree(self, frame: bytes) -> bytes:
+    def _find(self, frame: bytes) -> _Found | None:
+        """The values in `frame` that carry the header, read by hiredis (None when it
+        can't read the reply). Raises ReplyError for cleartext under require_encrypted."""
+        reader = hiredis.Reader()
+        reader.feed(frame)
+        found = _Found(self)
+        try:
+            while (value := reader.gets()) is not False:  # an attribute comes as its own reply
+                found.top(value)
+        except (hiredis.ProtocolError, TypeError):
+            return None
+        return found
+
+    def _check_tree(self, frame: bytes) -> None:
+        """Refuse cleartext in a require_encrypted field, in a reply without the header."""
+        if self._find(frame) is None:  # not something hiredis reads: the lossless tree
+            self.through_tree(frame)
+
+    def through_tree(self, frame: bytes) -> bytes:
         """The reply decoded losslessly, each bulk string that carries the header opened."""
         value, _ = resp.decode(frame)
-        return resp.encode_value(self.walk(value, None))
+        if type(value) is resp.Aggregate and value.kind in _LIST_KINDS and not value.null:
+            keys = self.positional_keys(value.items, _is_hash_value)
+            if keys is not None:  # element i of KEYS[i]: no names across elements
+                value.items = [
+                    self.walk(item, None, key) for item, key in zip(value.items, keys, strict=True)
+                ]
+                return resp.encode_value(value)
+        return resp.encode_value(self.walk(value, None, self.fixed_key))
 
     @property
     def context(self) -> bytes:
@@ -524,72 +656,110 @@ class _ScriptReply:
             )
         return self._context
 
-    @property
-    def fields(self) -> list[bytes]:
-        """The candidate field names, worked out once, and only when a value needs them."""
-        if self._fields is None:
-            self._fields = self.scripts._candidates(self.db, self.script, self.call_keys, self.argv)
-        return self._fields
+    def candidates(self, key: bytes | None) -> list[bytes]:
+        """The field names to try for a value whose name the reply's shape doesn't give:
+        the declared ones, then the literal field names of the rules covering `key` (or,
+        when the key isn't known, KEYS). A wrong guess can't pass: the name is
+        authenticated with the value. Worked out once per key, when a value needs them."""
+        found = self._candidates.get(key)
+        if found is None:
+            names: list[bytes] = []
+            if self.script is not None:
+                names = [self.argv[f] for f, _ in declared_positions(self.script, len(self.argv))]
+            if key is None:
+                covering = self.key_rules
+            else:
+                covering = [self.scripts.rules.match_key(self.db, key)]
+            for key_rules in covering:
+                for rule in key_rules.rules if key_rules is not None else ():
+                    names += [f.encode() for f in rule.fields if _is_literal(f)]
+            found = self._candidates[key] = list(dict.fromkeys(names))
+        return found
 
-    def walk(self, value: resp.Value, name: bytes | None) -> resp.Value:
+    def rule_of(self, name: bytes, key: bytes | None) -> Rule | None:
+        """The rule protecting field `name` of `key` (of some key in KEYS, when the key
+        isn't known)."""
+        if key is not None:
+            key_rules = self.scripts.rules.match_key(self.db, key)
+            return key_rules.field_rule(name) if key_rules is not None else None
+        for key_rules in self.key_rules:
+            rule = key_rules.field_rule(name) if key_rules is not None else None
+            if rule is not None:
+                return rule
+        return None
+
+    def check_cleartext(self, value: bytes, name: bytes, key: bytes | None) -> None:
+        """Refuse `value`, not an envelope, as the shape's field `name`, if that field
+        must be stored encrypted (the same refusal as HGET's)."""
+        rule = self.rule_of(name, key)
+        if rule is not None and rule.require_encrypted:
+            self.crypt.open(rule, key if key is not None else self.call_keys[0], name, value)
+
+    def walk(self, value: resp.Value, name: bytes | None, key: bytes | None) -> resp.Value:
         if isinstance(value, resp.Blob):
-            if value.kind == 36 and value.data.startswith(HEADER_PREFIX):  # '$'
-                plain = self.open(value.data, name)
+            data = value.data
+            if value.kind != 36:  # '$': only bulk strings are values
+                return value
+            if data.startswith(HEADER_PREFIX):
+                plain = self.open(data, name, key)
                 if plain is None:
-                    if not self.crypt.keyring.owns(value.data):
+                    if not self.crypt.keyring.owns(data):
                         return value  # only starts like one: not fieldcrypt's
-                    return resp.Blob(36, self.refuse(value.data, name))
+                    return resp.Blob(36, self.refuse(data, name, key))
                 self.crypt.counts["decrypted"] += 1
                 return resp.Blob(36, plain)
+            if name is not None and self.strict:
+                self.check_cleartext(data, name, key)
             return value
         if isinstance(value, resp.Aggregate):
             items = value.items
             previous: bytes | None = None
             for i, item in enumerate(items):
-                items[i] = self.walk(item, previous)
-                previous = item.data if isinstance(item, resp.Blob) else None  # as stored
+                items[i] = self.walk(item, previous, key)
+                previous = _name_of(item)  # as stored
         return value
 
-    def open(self, stored: bytes, name: bytes | None) -> bytes | None:
-        """The plaintext of `stored`, or None when no key and field name fit: one field
-        name (and, for an envelope bound to its key, one key of the call) authenticates
-        it, so the order of the guesses changes nothing but their cost: the decrypt
-        cache first, then AES for the shape's name, then for the candidates."""
-        keys = self.keys if stored[5:6] == MODE_KEY else self.first_key
+    def open(self, stored: bytes, name: bytes | None, key: bytes | None) -> bytes | None:
+        """The plaintext of `stored`, or None when it doesn't open under the name and key
+        it is read under: the shape's name alone when there is one, else the candidates;
+        a key-bound envelope only under a known key."""
+        if stored[_MODE_AT : _MODE_AT + 1] == MODE_KEY:
+            if key is None:
+                return None
+            bound = key
+        else:
+            bound = key or b""  # not part of a field-bound envelope's authentication
         keyring = self.crypt.keyring
+        names = [name] if name is not None else self.candidates(key)
         cached = keyring.cached
         if cached is not None:
-            if name is not None:
-                for key in keys:
-                    plain = cached((stored, name, key))
-                    if plain is not None:
-                        return plain
-            for field_name in self.fields:
-                for key in keys:
-                    plain = cached((stored, field_name, key))
-                    if plain is not None:
-                        return plain
-        names = self.fields if name is None else [name, *(f for f in self.fields if f != name)]
+            for field_name in names:
+                plain = cached((stored, field_name, bound))
+                if plain is not None:
+                    return plain
         for field_name in names:
-            for key in keys:
-                try:
-                    return keyring.decrypt(stored, field_name, key)
-                except DecryptError:
-                    continue
+            try:
+                return keyring.decrypt(stored, field_name, bound)
+            except DecryptError:
+                continue
         return None
 
-    def refuse(self, stored: bytes, name: bytes | None) -> bytes:
+    def refuse(self, stored: bytes, name: bytes | None, key: bytes | None) -> bytes:
         """What `on_decrypt_error` makes of a value `open` could not open: the stored
         bytes under `raw`, else ReplyError. The name is shown only when a rule names that
         field literally: the element before a value in a reply may be another value."""
         if name not in self.scripts.literal_fields:
             name = None
         shown = display_name(name) if name is not None else "?"
+        if key is None and stored[_MODE_AT : _MODE_AT + 1] == MODE_KEY:
+            why = "it is bound to a key the call doesn't name alone; declare the script"
+        else:
+            why = "no key and field name fit; declare the script's fields in scripts:"
         try:
             # Through the common path: counts, logs and applies on_decrypt_error.
-            return self.crypt.open(None, self.keys[0], name or b"?", stored)
+            return self.crypt.open(None, key or b"?", name or b"?", stored)
         except ReplyError:
             raise ReplyError(
                 f"ERR fieldcrypt: cannot decrypt a value in a script reply (field '{shown}'): "
-                "no key and field name fit; declare the script's fields in scripts:"
+                + why
             ) from None

@@ -60,7 +60,7 @@ def test_a_declared_body_matches_however_many_bodies_came_before(tmp_path: Path)
     proxy.send(b"SCRIPT", b"LOAD", trimmed)
     sent = proxy.send(b"EVALSHA", sha, b"1", b"iad:5", b"imap", b"imap-5", b"imapSetBy", b"me")
 
-    assert len(proxy.book.bodies) == MAX_LEARNED
+    assert len(proxy.book.sha1s) <= MAX_LEARNED
     assert sent.startswith(b"*8\r\n$7\r\nEVALSHA\r\n") and b"imap-5" not in sent
     assert b"$fc1$" in sent
 
