@@ -34,6 +34,10 @@ CRLF: Final = b"\r\n"
 _HUGE_COUNT: Final = re.compile(rb"\*[0-9]{8}")  # 10 million elements or more
 _TILDE, _PIPE, _STAR = b"~|*"  # as ints, for `in` (see RequestReader.feed)
 MAX_COUNTED_NAMES: Final = 512  # distinct command names counted; more are not
+# What Redis reads from a client that has not authenticated (since CVE-2021-32675): a
+# larger request gets Redis's error and the connection closes, before it is buffered.
+UNAUTHENTICATED_MAX_ARGS: Final = 10
+UNAUTHENTICATED_MAX_BULK: Final = 16 * 1024
 
 TOO_LARGE: Final = "Protocol error: request larger than fieldcrypt's max_request_bytes"
 
@@ -79,6 +83,7 @@ class RequestReader:
         "inline",
         "max_request",
         "pos",
+        "unauthenticated",
     )
 
     def __init__(self, max_request: int = PROTO_MAX_BULK_LEN + 1024) -> None:
@@ -98,6 +103,16 @@ class RequestReader:
         self._odd = False  # a request from `pos` on may start with `~` or `|`
         self._special: Container[bytes] | None = None  # what take_plain's flags are for
         self._flags: dict[bytes, bytes] = {}
+        self.unauthenticated = False  # Redis's limits for such clients apply (see limit)
+
+    def limit(self, unauthenticated: bool) -> None:
+        """Read as Redis reads a client that has (not) authenticated. Unauthenticated,
+        every request goes through the strict parser, which refuses an oversized head
+        before buffering what follows it (hiredis would buffer the whole request)."""
+        self.unauthenticated = unauthenticated
+        if unauthenticated:
+            self._fast = False  # the next request is read from `pos` by the strict parser
+            self.held = None
 
     def feed(self, data: bytes) -> None:
         if self.pos >= len(self.buffer):  # nothing pending: read the new bytes in place
@@ -105,7 +120,7 @@ class RequestReader:
             self.pos = self._need = 0
             self._scan = -1
             self._odd = False
-            if not self._fast:  # the strict parser drained the stream: hiredis again
+            if not self._fast and not self.unauthenticated:  # drained: hiredis again
                 self._reader = hiredis.Reader()
                 self._fast = True
         else:
@@ -136,7 +151,11 @@ class RequestReader:
         self._need = 0
         self._scan = -1
         buf = self.buffer
-        if len(buf) - self.pos > PROTO_INLINE_MAX_SIZE or buf[self.pos : self.pos + 1] != b"*":
+        if (
+            len(buf) - self.pos > PROTO_INLINE_MAX_SIZE
+            or buf[self.pos : self.pos + 1] != b"*"
+            or self.unauthenticated
+        ):
             return
         rest = bytes(buf[self.pos :])
         if _HUGE_COUNT.search(rest):
@@ -347,6 +366,8 @@ class RequestReader:
                 argc = _to_int(buf, start + 1, nl)
                 if argc is None or argc > MULTIBULK_MAX:
                     raise ProtocolError("Protocol error: invalid multibulk length")
+            if argc > UNAUTHENTICATED_MAX_ARGS and self.unauthenticated:
+                raise ProtocolError("Protocol error: unauthenticated multibulk length")
             pos = nl + 2
             if argc <= 0:
                 self.pos = pos
@@ -373,6 +394,8 @@ class RequestReader:
                 length = _to_int(buf, pos + 1, nl)
                 if length is None or length < 0 or length > PROTO_MAX_BULK_LEN:
                     raise ProtocolError("Protocol error: invalid bulk length")
+            if length > UNAUTHENTICATED_MAX_BULK and self.unauthenticated:
+                raise ProtocolError("Protocol error: unauthenticated bulk length")
             end = nl + length + 4
             if end > limit:
                 raise ProtocolError(TOO_LARGE)
