@@ -417,9 +417,14 @@ class ClusterClient(asyncio.Protocol):
             self.state.dispatch,
             nowhere,
             nowhere,
+            max_request=self.state.max_request,
             locked=self.state.client_auth,
             command_counts=self.state.command_counts,
+            count_unauthenticated=self.state.stats.count_unauthenticated,
         )
+        # The session's reader: it reads as Redis reads a client that hasn't authenticated
+        # for as long as the session is locked.
+        self.requests = self.session.requests
         self.session.loopback = is_loopback(peer)
         if not self.topology.ready:
             self.pause_reading("topology")
@@ -449,7 +454,10 @@ class ClusterClient(asyncio.Protocol):
                     break
                 start, end, name, args = request
                 raw = None if reader.inline else bytes(reader.buffer[start:end])
-                resp.count_name(self.state.command_counts, name)
+                if self.session.locked:
+                    self.session.count_unauthenticated()
+                else:
+                    resp.count_name(self.state.command_counts, name)
                 self._request(name, args, raw)
         except resp.ProtocolError as error:
             self._local(resp.error_reply(f"ERR {error}"))
@@ -466,12 +474,15 @@ class ClusterClient(asyncio.Protocol):
         for link in self.links.values():
             if link.transport is not None:
                 link.transport.pause_reading()
+        if self.session is not None and self.session.locked:  # replies are the proxy's own
+            self.pause_reading("unread replies")
 
     def resume_writing(self) -> None:
         self.paused_upstream = False
         for link in self.links.values():
             if link.transport is not None:
                 link.transport.resume_reading()
+        self.resume_reading("unread replies")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()

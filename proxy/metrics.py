@@ -52,6 +52,7 @@ def numbers(state: Any) -> dict[str, dict[str, Any]]:
             "total_net_output_bytes": stats.bytes_out,
             "upstream_errors": stats.upstream_errors,
             "total_commands_processed": sum(state.command_counts.values()),
+            "unauthenticated_commands": stats.unauthenticated_commands,
         },
         "encryption": {
             "values_encrypted": counts.get("encrypted", 0),
@@ -118,6 +119,11 @@ class ProxyCollector(Collector):
         for name, n in command_totals(state).items():
             commands.add_metric([name], n)
         yield commands
+        yield CounterMetricFamily(
+            "fieldcrypt_unauthenticated_commands",
+            "Requests from clients that had not authenticated to the proxy (not counted by name)",
+            stats.unauthenticated_commands,
+        )
         yield CounterMetricFamily("fieldcrypt_bytes_in", "Bytes read from clients", stats.bytes_in)
         yield CounterMetricFamily(
             "fieldcrypt_bytes_out", "Bytes written to clients", stats.bytes_out

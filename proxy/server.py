@@ -1,7 +1,9 @@
 """The asyncio shell: sockets, backpressure, lifecycle. All protocol logic is in session.py.
 
-Each client connection gets its own upstream connection, opened when the
-client connects, so every stateful Redis feature keeps its exact semantics.
+Each client connection gets its own upstream connection, so every stateful
+Redis feature keeps its exact semantics. It opens when the client connects, or,
+when clients must AUTH to the proxy, when the session first sends upstream
+(after the client's AUTH): a client that never authenticates costs Redis nothing.
 Both directions use protocol callbacks, not a coroutine per message; when one
 side's transport buffer fills, the other side stops being read.
 """
@@ -76,6 +78,10 @@ class Stats:
     bytes_out: int = 0
     upstream_errors: int = 0
     connections_rejected: int = 0
+    unauthenticated_commands: int = 0  # requests before AUTH, counted apart from names
+
+    def count_unauthenticated(self) -> None:
+        self.unauthenticated_commands += 1
 
 
 @dataclass
@@ -203,6 +209,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_paused = False
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
+        self.reaching = False  # the upstream connection has been asked for
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
         self.timed = self.state.idle_timeout > 0  # idle connections are closed
@@ -227,10 +234,17 @@ class ClientConnection(asyncio.Protocol):
             observe_latency=self.state.observe_latency,
             locked=self.state.client_auth,
             databases=self.state.databases,
+            count_unauthenticated=self.state.stats.count_unauthenticated,
         )
         self.session.loopback = is_loopback(peer)
-        self.connect_task = asyncio.get_running_loop().create_task(self._connect())
+        if not self.session.offline:
+            self._reach_upstream()
         self._touch()
+
+    def _reach_upstream(self) -> None:
+        if not self.reaching:
+            self.reaching = True
+            self.connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         target = self.state.target
@@ -307,15 +321,19 @@ class ClientConnection(asyncio.Protocol):
             self._check_closing()
 
     def pause_writing(self) -> None:
-        """The client reads slower than Redis answers: stop reading Redis."""
+        """The client reads slower than Redis answers: stop reading Redis. Before AUTH
+        every reply is the proxy's own: stop reading the client."""
         self.upstream_paused = True
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
+        if self.session is not None and self.session.locked:
+            self.pause_client_reading("unread replies")
 
     def resume_writing(self) -> None:
         self.upstream_paused = False
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
+        self.resume_client_reading("unread replies")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -323,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
     # --- upstream side --------------------------------------------------------
 
     def _to_upstream_early(self, data: bytes | bytearray) -> None:
+        self._reach_upstream()
         self.early.append(data)
         if sum(map(len, self.early)) > HIGH_WATER:
             self.pause_client_reading("connecting")

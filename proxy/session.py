@@ -356,6 +356,7 @@ class Session:
         observe_latency: Callable[[float], None] | None = None,
         locked: bool = False,
         databases: int | None = None,
+        count_unauthenticated: Callable[[], None] | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.send_upstream = send_upstream
@@ -386,15 +387,21 @@ class Session:
         self.command_counts = command_counts if command_counts is not None else {}
         self.observe_latency = observe_latency or (lambda seconds: None)
         self._sample = SAMPLE_EVERY  # time one request in SAMPLE_EVERY
+        # Before the client's AUTH nothing is counted by name (anyone can send names,
+        # and counted names are capped), and nothing reaches upstream: the proxy's own
+        # handshake waits for it, so a silent client costs Redis no connection.
+        self.count_unauthenticated = count_unauthenticated or (lambda: None)
         self.requires_auth = locked
         self.locked = locked  # the client must AUTH to the proxy first
+        self.offline = locked  # nothing has been sent upstream yet, not even the handshake
         self.jobs: list[Defer] = []  # deferred replies for the shell to produce
         self.admin = False  # authenticated as fieldcrypt's admin user
         self.loopback = False  # the client connects from this machine (set by the shell)
         self._slow = False  # every request goes through _dispatch, not just known names
-        self._update_slow()
-        for what, args in self.handshake:
-            self._send_internal(what, args)
+        self._lock(locked)
+        if not self.offline:
+            for what, args in self.handshake:
+                self._send_internal(what, args)
 
     # --- client -> upstream -----------------------------------------------
 
@@ -460,7 +467,10 @@ class Session:
                     break
                 start, end, name, args = request
                 count += 1
-                resp.count_name(counts, name)
+                if self.locked:
+                    self.count_unauthenticated()
+                else:
+                    resp.count_name(counts, name)
                 if not self._slow and name not in dispatch and not reader.inline:
                     self._expect_plain(1)
                     continue
@@ -473,8 +483,9 @@ class Session:
                         out.append(replacement)
                     run = end
         except resp.ProtocolError as error:
-            self._answer(Answer(resp.error_reply(f"ERR {error}")))  # none under CLIENT REPLY OFF
-            self.closing = "protocol error"
+            if self.closing is None:  # (not behind a QUIT)
+                self._answer(Answer(resp.error_reply(f"ERR {error}")))  # none under REPLY OFF
+                self.closing = "protocol error"
         finally:
             self.commands += count
         if run < reader.pos:
@@ -495,8 +506,19 @@ class Session:
         what goes upstream instead of the request's bytes (b"": nothing), or None
         when its bytes go as they are. `outcome` is the handler's answer when it has
         been asked already."""
-        if self.locked and name not in OPEN_COMMANDS:
-            return self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
+        if self.locked:
+            if self.closing is not None:
+                return b""  # behind a QUIT answered here: Redis reads no further
+            if name not in OPEN_COMMANDS:
+                return self._answer(Answer(b"-NOAUTH Authentication required.\r\n"))
+            if self.offline:
+                if name in (b"QUIT", b"RESET"):
+                    return self._answer(Answer(self._before_upstream(name)))
+                if outcome is UNDECIDED:
+                    handler = self.dispatch.get(name)
+                    outcome = handler(self, args) if handler is not None else None
+                if not isinstance(outcome, Answer | Defer):  # it goes upstream: handshake first
+                    self._go_upstream()
         if outcome is UNDECIDED:
             handler = self.dispatch.get(name)
             outcome = handler(self, args) if handler is not None else None
@@ -702,9 +724,30 @@ class Session:
         self._slow = self.in_multi or self.reply_mode != b"ON" or self.locked
 
     def unlock(self) -> None:
-        """The client authenticated to the proxy."""
-        self.locked = False
+        """The client authenticated to the proxy: the handshake goes upstream, if it
+        hasn't yet, ahead of the request that authenticated."""
+        self._lock(False)
+        self._go_upstream()
+
+    def _go_upstream(self) -> None:
+        if self.offline:
+            self.offline = False
+            for what, args in self.handshake:
+                self._send_internal(what, args)
+
+    def _lock(self, locked: bool) -> None:
+        self.locked = locked
+        self.requests.limit(unauthenticated=locked)
         self._update_slow()
+
+    def _before_upstream(self, name: bytes) -> bytes:
+        """QUIT or RESET from a client that never reached upstream, answered here as
+        Redis would answer it."""
+        if name == b"QUIT":
+            self.closing = "quit"
+            return b"+OK\r\n"
+        self.reset_state()
+        return b"+RESET\r\n"
 
     def resolve(self, entry: LocalEntry, reply: bytes) -> None:
         """Give a deferred request its reply; it goes out in its turn."""
@@ -917,8 +960,7 @@ class Session:
         self.shard_channels.clear()
         self._update_pubsub()
         self.db = self.initial_db
-        self.locked = self.requires_auth  # RESET signs the client out, as in Redis
-        self._update_slow()
+        self._lock(self.requires_auth)  # RESET signs the client out, as in Redis
 
     @property
     def idle(self) -> bool:
