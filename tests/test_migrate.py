@@ -37,6 +37,7 @@ from proxy.session import Session
 from tests import dataset
 from tests.dataset import ACCOUNT_SECRET_FIELDS, PLAINTEXT_MARKER, Dataset
 from tests.servers import (
+    ALL_SERVER_KINDS,
     EmbeddedServer,
     ProxyThread,
     cli_binary,
@@ -45,6 +46,8 @@ from tests.servers import (
     server_binary,
     wait_for,
 )
+
+UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parent.parent
 

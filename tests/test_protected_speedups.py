@@ -28,7 +28,9 @@ from proxy.crypto import (
     KeyRing,
     generate_key,
 )
-from tests.servers import ConfiguredProxy, EmbeddedServer, raw_connect
+from tests.servers import ALL_SERVER_KINDS, ConfiguredProxy, EmbeddedServer, raw_connect
+
+UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
 
 HOST = "127.0.0.1"
 AUTH_FAILED = (

@@ -23,7 +23,9 @@ import redis
 from redis.exceptions import ResponseError
 
 from proxy.crypto import HEADER_PREFIX, Key, KeyRing
-from tests.servers import ConfiguredProxy, EmbeddedServer, Wire
+from tests.servers import ALL_SERVER_KINDS, ConfiguredProxy, EmbeddedServer, Wire
+
+UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
 
 HOST = "127.0.0.1"
 LUA = Path(__file__).parent / "lua"
