@@ -49,6 +49,9 @@ def _encode_value(value: Any, out: list[bytes]) -> None:
 
 @dataclass
 class AdminConfig:
+    """The proxy's own credentials; replaced as a whole on reload, so every AUTH after
+    it is judged by the new ones (a client authenticated before stays authenticated)."""
+
     username: str
     password: str | None
     client_password: str | None = None  # clients must AUTH to the proxy with it
@@ -198,6 +201,8 @@ class Admin:
                 return True
             return False
         if config.client_password is None:
+            if session.locked:  # connected while a reload-since-dropped password was required
+                session.unlock()
             return None
         if user in (None, b"default") and _same(password, config.client_password):
             session.unlock()

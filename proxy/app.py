@@ -19,7 +19,14 @@ from proxy.config import ConfigError, Settings, build_keyring, load_settings, pa
 from proxy.embedded import EmbeddedError, EmbeddedServer
 from proxy.metrics import Metrics, info_text
 from proxy.scripts import ScriptBook, Scripts
-from proxy.server import ProxyServer, ProxyState, Target, add_signal_handlers, install_uvloop
+from proxy.server import (
+    ProxyServer,
+    ProxyState,
+    Target,
+    add_signal_handlers,
+    install_uvloop,
+    is_loopback,
+)
 from proxy.session import Handler, base_dispatch
 from proxy.tls import client_context, server_context
 
@@ -72,6 +79,45 @@ class Built:
     handlers: dict[bytes, Handler]
 
 
+# Settings a reload reads but cannot apply to a running proxy: it logs that they wait
+# for a restart.
+RESTART_ONLY = (
+    "listen",
+    "upstream",
+    "embedded",
+    "workers",
+    "metrics_listen",
+    "log_format",
+    "log_level",
+    "drain_timeout",
+    "cluster_announce_self",
+    "tls",  # the listener's certificate and key too
+)
+
+
+def admin_config(settings: Settings) -> AdminConfig:
+    return AdminConfig(settings.admin_username, settings.admin_password, settings.client_password)
+
+
+def exposure_warning(settings: Settings, addresses: list[tuple[str, int]]) -> str | None:
+    """What is open to other machines when clients needn't authenticate, or None."""
+    if settings.client_password is not None or settings.tls.verify_clients:
+        return None
+    exposed = [f"{host}:{port}" for host, port in addresses if not is_loopback((host, port))]
+    if not exposed:
+        return None
+    return (
+        f"client_password is not set and fieldcrypt listens beyond loopback "
+        f"({', '.join(exposed)}): every client that reaches the port reads protected fields "
+        "in clear and acts with the proxy's upstream credentials; set client_password, "
+        "or listen on 127.0.0.1"
+    )
+
+
+def _restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+
+
 def build_handlers_for(settings: Settings) -> Built:
     crypt = build_crypt(settings)
     handlers = dict(build_handlers(crypt))
@@ -87,7 +133,10 @@ class Runtime:
 
     def __init__(self, settings: Settings, url: str, overrides: dict[str, object]) -> None:
         self.settings = settings
+        self.started_with = settings  # what the restart-only settings still are
         self.overrides = overrides
+        self.url = url  # the upstream's address is kept until a restart
+        self.listening: list[tuple[str, int]] = []  # where the server is bound, once it is
         target = build_target(settings, url)
         built = build_handlers_for(settings)
         self.state = ProxyState(
@@ -113,7 +162,7 @@ class Runtime:
             self.jobs = ClusterJobs(self.topology, lambda: self.state.crypt)
         self.state.jobs = self.jobs
         self.admin = Admin(
-            AdminConfig(settings.admin_username, settings.admin_password, settings.client_password),
+            admin_config(settings),
             self.jobs,
             info=lambda section: info_text(self.state, section),
             reload=self.reload,
@@ -148,17 +197,23 @@ class Runtime:
         return None
 
     async def reload(self) -> str | None:
-        """Re-read the config and the secrets. Returns the problem, or None when it took."""
-        path = self.settings.config_path
+        """Re-read the config and the secrets. Returns the problem, or None when it took.
 
-        def load() -> tuple[Settings, Built]:
+        Every secret is applied: keys, the admin and client passwords (each AUTH after
+        this is judged by the new ones; a client authenticated before stays so), the
+        upstream credentials and upstream_tls files (for connections opened after it).
+        What can't change without a restart (RESTART_ONLY) is logged and left as it was."""
+        path = self.settings.config_path
+        old_settings = self.settings
+
+        def load() -> tuple[Settings, Built, Target]:
             settings = load_settings(path, self.overrides, os.environ, Path.cwd())
-            return settings, build_handlers_for(settings)
+            return settings, build_handlers_for(settings), build_target(settings, self.url)
 
         try:
             # Files (the config, key files, script bodies) and scrypt on passphrases take
             # a while, or block on a FIFO: the loop keeps serving meanwhile.
-            settings, built = await asyncio.get_running_loop().run_in_executor(None, load)
+            settings, built, target = await asyncio.get_running_loop().run_in_executor(None, load)
         except ConfigError as error:
             log.error("config reload rejected, the old configuration keeps running: %s", error)
             return str(error)
@@ -168,13 +223,35 @@ class Runtime:
             built.scripts.carry_over(state.scripts)
         state.crypt = built.crypt
         state.scripts = built.scripts
+        self.admin.config = admin_config(settings)  # before the table: HELLO depends on it
+        state.client_auth = settings.client_password is not None
         state.dispatch = self._dispatch(built)
+        state.target = target
+        if self.topology is not None:
+            self.topology.template = target
+        state.max_clients = settings.max_clients
+        state.max_request = settings.max_request_bytes
+        state.max_client_output = settings.max_client_output_bytes
+        state.idle_timeout = settings.idle_timeout
         if self.server is not None:
             for connection in self.server.connections:
-                if connection.session is not None:
-                    connection.session.dispatch = state.dispatch
+                session = connection.session
+                if session is not None:
+                    session.dispatch = state.dispatch
+                    session.requires_auth = state.client_auth  # after a RESET
+                    if self.topology is None:  # the handshake sent again after a RESET
+                        session.handshake = target.handshake()
         self.settings = settings
         log.info("config reloaded: %d rules", len(settings.rules))
+        restart = _restart_only_changes(self.started_with, settings)
+        if restart:
+            log.warning(
+                "config reload: %s changed; that takes a restart, the old value is kept",
+                ", ".join(restart),
+            )
+        warning = exposure_warning(settings, self.listening)
+        if warning is not None and exposure_warning(old_settings, self.listening) is None:
+            log.warning("%s", warning)
         old_ring = [k.kid for k in old.keyring.keys] if old is not None else []
         new_ring = [k.kid for k in built.crypt.keyring.keys] if built.crypt is not None else []
         if old_ring != new_ring:
@@ -309,6 +386,10 @@ async def _serve(
         task.add_done_callback(tasks.discard)
 
     add_signal_handlers(stop.set, reload)
+    runtime.listening = [(a[0], a[1]) for a in addresses]
+    warning = exposure_warning(settings, runtime.listening)
+    if warning is not None and worker == 0:
+        log.warning("%s", warning)
     bound = ", ".join(f"{a[0]}:{a[1]}" for a in addresses)
     log.info(
         "fieldcrypt listening on %s%s, upstream %s (%s, pid %d)",
