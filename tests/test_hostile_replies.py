@@ -273,3 +273,15 @@ def test_decrypt_failures_are_logged_a_few_times_a_minute_not_once_per_read(
     lines = [r for r in caplog.records if "cannot decrypt" in r.getMessage()]
     assert len(lines) == 1
     assert fc.proxy is not None and fc.proxy.state.crypt.failures["authentication failed"] == 100
+
+
+def test_a_reload_that_lets_raw_win_over_require_encrypted_is_warned_about(
+    fc: ConfiguredProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = [{"key": "iad:*", "fields": IAD, "require_encrypted": True}]
+    start(fc, rules)
+    client = fc.client()
+    fc.write_config({"keys": fc.key_entries([fc.key_a]), "rules": rules, "on_decrypt_error": "raw"})
+    with caplog.at_level(logging.WARNING, logger="fieldcrypt"):
+        assert client.execute_command("FIELDCRYPT", "RELOAD") in (b"OK", "OK", True)
+    assert any("raw, which wins over require_encrypted" in r.getMessage() for r in caplog.records)
