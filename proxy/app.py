@@ -243,8 +243,8 @@ class Runtime:
                         session.handshake = target.handshake()
         self.settings = settings
         log.info("config reloaded: %d rules", len(settings.rules))
-        for warning in settings.warnings:  # as at start (cli.py logs them there)
-            log.warning("%s", warning)
+        for config_warning in settings.warnings:  # as at start (cli.py logs them there)
+            log.warning("%s", config_warning)
         restart = _restart_only_changes(self.started_with, settings)
         if restart:
             log.warning(
