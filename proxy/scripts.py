@@ -420,7 +420,8 @@ class _Found:
             self.string(node, None, key)
 
     def string(self, item: bytes, name: bytes | None, key: bytes | None) -> bytes | None:
-        """Note one string of the reply; returns the name it gives the element after it."""
+        """Note one string of the reply; returns the name it gives the element after it:
+        itself, unless it is fieldcrypt's envelope (a value, not a name)."""
         at = item.find(HEADER_PREFIX)
         if at < 0:
             if name is not None and self.reply.strict:
@@ -428,13 +429,17 @@ class _Found:
             return item
         if at > 0 or item.find(HEADER_PREFIX, 1) >= 0:
             self.spliceable = False  # the header inside a value: only whole values are opened
-            return None
-        where = (name, key if item[_MODE_AT] == _MODE_KEY_BYTE else None)
+            return item
+        where = (name, key)  # what it opens under (the key counts for the names to try)
         known = self.values.setdefault(item, where)
         if known != where:
             self.spliceable = False  # the same bytes in two places that open differently
         self.total += 1
-        return None
+        if self.reply.crypt.keyring.owns(item):
+            return None
+        if name is not None and self.reply.strict:  # starts like one, but is cleartext
+            self.reply.check_cleartext(item, name, key)
+        return item
 
 
 def _splice(frame: bytes, opened: dict[bytes, bytes]) -> tuple[bytes, int]:
@@ -482,16 +487,14 @@ def _is_hash_value(item: resp.Value) -> bool:
     return type(item) is resp.Aggregate and not item.null
 
 
-def _name_of(value: resp.Value) -> bytes | None:
-    """The name a string element gives the element after it, as hiredis reads it (a
-    verbatim string without its format prefix); None for anything else."""
+def _text_of(value: resp.Value) -> bytes | None:
+    """A string element's text, as hiredis reads it (a verbatim string without its
+    format prefix); None for anything else."""
     if type(value) is resp.Blob and value.kind in _NAME_KINDS:
-        data = value.data[4:] if value.kind == 61 else value.data  # '=': 'txt:' first
-    elif type(value) is resp.Simple and value.raw[0] in _NAME_KINDS:
-        data = value.raw[1:-2]
-    else:
-        return None
-    return None if data.startswith(HEADER_PREFIX) else data
+        return value.data[4:] if value.kind == 61 else value.data  # '=': 'txt:' first
+    if type(value) is resp.Simple and value.raw[0] in _NAME_KINDS:
+        return value.raw[1:-2]
+    return None
 
 
 class _ScriptReply:
@@ -634,6 +637,14 @@ class _ScriptReply:
 
     def through_tree(self, frame: bytes) -> bytes:
         """The reply decoded losslessly, each bulk string that carries the header opened."""
+        try:
+            return self._tree(frame)
+        except RecursionError:
+            raise ReplyError(
+                "ERR fieldcrypt: a script reply nested too deeply to check for protected values"
+            ) from None
+
+    def _tree(self, frame: bytes) -> bytes:
         value, _ = resp.decode(frame)
         if type(value) is resp.Aggregate and value.kind in _LIST_KINDS and not value.null:
             keys = self.positional_keys(value.items, _is_hash_value)
@@ -693,7 +704,10 @@ class _ScriptReply:
         must be stored encrypted (the same refusal as HGET's)."""
         rule = self.rule_of(name, key)
         if rule is not None and rule.require_encrypted:
-            self.crypt.open(rule, key if key is not None else self.call_keys[0], name, value)
+            # The name is shown only when a rule spells it out: under a glob, the element
+            # before a value may be another value.
+            shown = name if name in self.scripts.literal_fields else b"?"
+            self.crypt.open(rule, key if key is not None else self.call_keys[0], shown, value)
 
     def walk(self, value: resp.Value, name: bytes | None, key: bytes | None) -> resp.Value:
         if isinstance(value, resp.Blob):
@@ -703,8 +717,10 @@ class _ScriptReply:
             if data.startswith(HEADER_PREFIX):
                 plain = self.open(data, name, key)
                 if plain is None:
-                    if not self.crypt.keyring.owns(data):
-                        return value  # only starts like one: not fieldcrypt's
+                    if not self.crypt.keyring.owns(data):  # only starts like one
+                        if name is not None and self.strict:
+                            self.check_cleartext(data, name, key)
+                        return value
                     return resp.Blob(36, self.refuse(data, name, key))
                 self.crypt.counts["decrypted"] += 1
                 return resp.Blob(36, plain)
@@ -713,11 +729,26 @@ class _ScriptReply:
             return value
         if isinstance(value, resp.Aggregate):
             items = value.items
+            if value.kind in resp.PAIR_TYPES or value.kind == resp.ATTRIBUTE:
+                # Keys are names, never values; each value is named by its key only.
+                for i in range(1, len(items) - (value.kind == resp.ATTRIBUTE), 2):
+                    items[i] = self.walk(items[i], self.name_of(items[i - 1]), key)
+                if value.kind == resp.ATTRIBUTE:
+                    items[-1] = self.walk(items[-1], None, key)
+                return value
             previous: bytes | None = None
             for i, item in enumerate(items):
                 items[i] = self.walk(item, previous, key)
-                previous = _name_of(item)  # as stored
+                previous = self.name_of(item)  # as stored
         return value
+
+    def name_of(self, value: resp.Value) -> bytes | None:
+        """The name an element gives the element after it: its text, unless it is no
+        string or it is fieldcrypt's envelope (a value, not a name)."""
+        text = _text_of(value)
+        if text is None or (text.startswith(HEADER_PREFIX) and self.crypt.keyring.owns(text)):
+            return None
+        return text
 
     def open(self, stored: bytes, name: bytes | None, key: bytes | None) -> bytes | None:
         """The plaintext of `stored`, or None when it doesn't open under the name and key
