@@ -8,8 +8,9 @@ must:
   commands typed into nc/telnet. It accepts and rejects exactly what Redis's
   own query parser does, with Redis's error texts.
 - `ReplyReader` reads what servers send: any RESP2 or RESP3 value, including
-  attributes and pushes. It only finds where each value ends; hiredis loses
-  RESP3 types and byte offsets (see shared/NOTES.md), so framing is ours.
+  attributes and pushes. It only finds where each value ends; hiredis hands back
+  parsed values without their byte offsets, reads a set as a list and a verbatim
+  string as a plain one, and drops attributes, so framing is ours.
 
 `decode` and `encode` turn one framed value into a lossless tree and back,
 for the few replies the proxy rewrites.
