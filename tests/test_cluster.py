@@ -1,5 +1,6 @@
-"""fieldcrypt in front of a real Redis Cluster: 3 masters and 3 replicas of Debian's
-redis-server, created with redis-cli --cluster create, on loopback ports.
+"""fieldcrypt in front of a real Redis Cluster: 3 masters and 3 replicas of the `redis`
+kind's server (tests/conftest.py), created with its CLI's --cluster create, on loopback
+ports.
 
 fieldcrypt presents one non-cluster endpoint; clients must never see a redirect."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +29,7 @@ from proxy.cluster_server import ClusterServer
 from proxy.config import load_settings
 from proxy.crypto import HEADER_PREFIX, generate_key
 from proxy.embedded import free_cluster_ports
-from tests.servers import server_binary, wait_for
+from tests.servers import cli_binary, server_binary, wait_for
 
 HOST = "127.0.0.1"
 CREATE_OPTIONS = ("--cluster-replicas", "1", "--cluster-yes")
@@ -49,9 +49,7 @@ class Cluster:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.binary = server_binary("redis")
-        self.cli = shutil.which("redis-cli") or pytest.fail(
-            "redis-cli is not on PATH: run `apt-get install -y redis-tools`"
-        )
+        self.cli = cli_binary("redis")
         self.ports = _cluster_ports(6)
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 

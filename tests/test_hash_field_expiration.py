@@ -32,6 +32,7 @@ from tests.servers import (
     ConfiguredProxy,
     EmbeddedServer,
     Wire,
+    served_by,
     server_binary,
 )
 
@@ -532,4 +533,4 @@ def test_each_server_kind_is_the_version_the_test_matrix_names(kind: str) -> Non
         [server_binary(kind), "--version"], capture_output=True, text=True, check=True
     ).stdout
 
-    assert f" v={VERSIONS[kind]}" in banner, banner
+    assert f" v={VERSIONS[served_by(kind)]}" in banner, banner

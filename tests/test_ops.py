@@ -1,11 +1,12 @@
 """fieldcrypt in production: TLS on both sides, credentials, metrics, logs, hot reload,
 limits and workers.
 
-Everything runs for real: Debian's redis-server (with TLS where it matters), fieldcrypt
-either in a thread of the test process (`ProxyThread`, built from a YAML file by
-`load_settings` and `Runtime` as `fieldcrypt serve` builds it) or as the `fieldcrypt serve`
-subprocess itself, and real clients (redis-py, redis-cli, bare sockets where exact reply
-bytes or an unannounced disconnect matter).
+Everything runs for real: the `redis` kind's server (tests/conftest.py), with TLS
+where it matters (tests/servers.py TlsServer), fieldcrypt either in a thread of the test
+process (`ProxyThread`, built from a YAML file by `load_settings` and `Runtime` as
+`fieldcrypt serve` builds it) or as the `fieldcrypt serve` subprocess itself, and real
+clients (redis-py, redis-cli, bare sockets where exact reply bytes or an unannounced
+disconnect matter).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from proxy.crypto import Key, KeyRing, generate_key
 from tests.servers import (
     EmbeddedServer,
     ProxyThread,
+    TlsServer,
     cli_binary,
+    cli_has_tls,
     free_port,
     server_binary,
     wait_for,
@@ -175,42 +178,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 class TlsRedis:
-    """Debian's redis-server serving TLS only (`--port 0 --tls-port P`)."""
+    """A Redis serving TLS only: Debian's redis-server (`--port 0 --tls-port P`), or
+    without it a pip server behind a TLS front (tests/servers.py TlsServer)."""
 
     def __init__(self, pki: Pki, directory: Path, auth_clients: bool) -> None:
         self.pki = pki
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [
-                server_binary("redis"),
-                "--port",
-                "0",
-                "--tls-port",
-                str(self.port),
-                "--bind",
-                HOST,
-                "--tls-cert-file",
-                pki.server_cert,
-                "--tls-key-file",
-                pki.server_key,
-                "--tls-ca-cert-file",
-                pki.ca,
-                "--tls-auth-clients",
-                "yes" if auth_clients else "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.server = TlsServer(pki.server_cert, pki.server_key, pki.ca, auth_clients, directory)
+        self.port = self.server.port
         wait_for(self._answers, 10, f"redis-server with TLS on port {self.port}")
 
     def _answers(self) -> bool:
-        assert self.process.poll() is None, "redis-server with TLS exited at start"
+        assert not self.server.exited(), "redis-server with TLS exited at start"
         try:
             with self.direct() as client:
                 return bool(client.ping())
@@ -232,12 +210,7 @@ class TlsRedis:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -621,6 +594,8 @@ def test_redis_cli_tls_talks_to_the_proxy(
     proxy = proxies.start(
         plain_redis.url, tls={"cert_file": pki.server_cert, "key_file": pki.server_key}
     )
+    if not cli_has_tls(cli_binary("redis")):
+        pytest.skip(f"{cli_binary('redis')} has no TLS (Debian's redis-cli has it)")
     base = [cli_binary("redis"), "--tls", "--cacert", pki.ca, "-h", HOST, "-p", str(proxy.port)]
     run = subprocess.run([*base, "SET", "cli:tls", "typed"], capture_output=True, timeout=30)
     assert run.stdout.strip() == b"OK", run.stderr

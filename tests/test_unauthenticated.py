@@ -2,7 +2,7 @@
 nothing: no upstream connection, Redis's own limits on what they may send, no counter
 by command name; and a reload applies new admin, client and upstream passwords.
 
-Everything runs for real: Debian's redis-server requiring a password (which is also the
+Everything runs for real: the `redis` kind's server requiring a password (which is also the
 reference for what an unauthenticated client is answered), fieldcrypt in a thread of
 the test process or as the `fieldcrypt serve` subprocess, bare sockets."""
 
@@ -54,7 +54,7 @@ SILENCE = 0.4  # seconds without a byte from a socket that stays open
 
 @pytest.fixture(scope="module")
 def locked_redis() -> Iterator[EmbeddedServer]:
-    """Debian's redis-server requiring UPSTREAM_PW: the proxy's upstream, and the
+    """The `redis` kind's server requiring UPSTREAM_PW: the proxy's upstream, and the
     reference for how Redis answers a client that has not authenticated."""
     server = EmbeddedServer(server_binary("redis"))
     server.start()
