@@ -1,9 +1,20 @@
 #!/usr/bin/env python3
 """Set-up in one command, on a machine with nothing but python3.
 
-    python3 dev.py serve [fieldcrypt serve options]   # default: --embedded
-    python3 dev.py test  [pytest options]             # ruff, mypy, then the test suite
-    python3 dev.py bench [bench options]
+usage: python3 dev.py COMMAND [options passed on]
+
+  serve [fieldcrypt serve options]   the proxy on 127.0.0.1:6380 (default: --embedded,
+                                     a private Redis or Valkey server behind it)
+  cli   [CLI arguments]              a Redis CLI pointed at the proxy (-p 6380 unless
+                                     -h, -p, -u or -s is given): fieldcrypt cli
+  test  [pytest options]             ruff, mypy, then the test suite
+  bench [bench options]              the benchmarks (bench/README.md)
+
+examples:
+  python3 dev.py serve
+  python3 dev.py cli HSET iad:1 imap secret
+  python3 dev.py test -k pubsub
+  python3 dev.py bench --quick
 
 Each creates .venv/ on first use, installs fieldcrypt into it with the extras
 it needs, and reinstalls only when pyproject.toml changes.
@@ -57,13 +68,19 @@ def run(*command: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "test", "bench"):
-        print(__doc__, file=sys.stderr)
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0] not in ("serve", "cli", "test", "bench"):
+        print(__doc__.strip(), file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
     if what == "serve":
         ensure("embedded")
         return run(str(BIN / "fieldcrypt"), "serve", *(rest or ["--embedded"]))
+    if what == "cli":
+        ensure("embedded")
+        return run(str(BIN / "fieldcrypt"), "cli", *rest)
     if what == "bench":
         ensure("test,bench")
         return run(str(PYTHON), "-m", "bench", *rest)

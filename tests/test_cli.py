@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.servers import EmbeddedServer, free_port, server_binary, wait_for
+from proxy.cli import cli_command
+from tests.servers import (
+    EmbeddedServer,
+    ProxyThread,
+    free_port,
+    make_state,
+    server_binary,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 URL_PASSWORD = "Pw-7xQ-never-shown"
@@ -166,6 +174,37 @@ def test_help_exits_0_and_prints_usage(tmp_path: Path, args: list[str]) -> None:
     assert out.startswith("usage: fieldcrypt")
 
 
+HELP_EXAMPLE = re.compile(r"^examples?:\n(  fieldcrypt .+\n)+", re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "command", ["", "serve", "check-config", "keygen", "migrate", "cli"], ids=lambda c: c or "top"
+)
+def test_help_shows_an_example(tmp_path: Path, command: str) -> None:
+    code, out, _ = run_to_end(*([command] if command else []), "--help", cwd=tmp_path)
+    assert code == 0
+    example = HELP_EXAMPLE.search(out)
+    assert example is not None, out
+    if command:
+        assert f"  fieldcrypt {command} " in example.group(0)
+
+
+def test_dev_py_lists_what_it_can_do(tmp_path: Path) -> None:
+    for args, expected_code in ((["--help"], 0), ([], 2)):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "dev.py"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == expected_code
+        listing = done.stdout + done.stderr
+        for command in ("serve", "cli", "test", "bench"):
+            assert re.search(rf"^  {command} ", listing, re.MULTILINE), listing
+        assert "python3 dev.py cli " in listing
+
+
 def test_serve_help_lists_its_flags(tmp_path: Path) -> None:
     _, out, _ = run_to_end("serve", "--help", cwd=tmp_path)
     for flag in ("--listen", "--upstream", "--config", "--embedded", "--log-level"):
@@ -287,3 +326,48 @@ def test_an_upstream_that_never_answers_does_not_keep_the_proxy_from_listening(
             assert serve.stop() == 0
         finally:
             serve.kill()
+
+
+# --- fieldcrypt cli ---------------------------------------------------------------------
+
+
+def test_cli_talks_to_the_proxy(real_upstream: EmbeddedServer, tmp_path: Path) -> None:
+    proxy = ProxyThread(make_state(real_upstream.port))
+    try:
+        pinged = run_to_end("cli", "-p", str(proxy.port), "PING", cwd=tmp_path)
+        written = run_to_end(
+            "cli", "-p", str(proxy.port), "HSET", "fc:cli:h", "f", "v", cwd=tmp_path
+        )
+    finally:
+        proxy.stop()
+    assert pinged == (0, "PONG\n", "")
+    assert written[:2] == (0, "1\n")
+    with redis.Redis(port=real_upstream.port) as direct:
+        assert direct.hget("fc:cli:h", "f") == b"v"
+
+
+def test_cli_reports_a_proxy_that_is_not_there(tmp_path: Path) -> None:
+    code, out, err = run_to_end("cli", "-p", str(free_port()), "PING", cwd=tmp_path)
+    assert code != 0
+    assert "PONG" not in out
+    assert "Could not connect" in out + err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "passed"),
+    [
+        (["PING"], ["-p", "6380", "PING"]),
+        ([], ["-p", "6380"]),
+        (["-p", "7000", "PING"], ["-p", "7000", "PING"]),
+        (["-h", "127.0.0.2", "PING"], ["-h", "127.0.0.2", "PING"]),
+        (["-u", "redis://127.0.0.1:7000", "PING"], ["-u", "redis://127.0.0.1:7000", "PING"]),
+        (["-s", "/tmp/redis.sock"], ["-s", "/tmp/redis.sock"]),
+        # a -p after the command is the command's argument
+        (["-n", "2", "HGET", "k", "-p"], ["-p", "6380", "-n", "2", "HGET", "k", "-p"]),
+        (["--", "--help"], ["-p", "6380", "--help"]),
+    ],
+)
+def test_cli_points_at_port_6380_unless_told_where(arguments: list[str], passed: list[str]) -> None:
+    command = cli_command(arguments)
+    assert Path(command[0]).name in ("valkey-cli", "redis-cli")
+    assert command[1:] == passed
