@@ -92,6 +92,7 @@ RESTART_ONLY = (
     "drain_timeout",
     "cluster_announce_self",
     "tls",  # the listener's certificate and key too
+    "upstream_mode",
 )
 
 
@@ -150,6 +151,8 @@ class Runtime:
             idle_timeout=settings.idle_timeout,
             client_auth=settings.client_password is not None,
             tls=server_context(settings.tls),
+            upstream_mode=settings.upstream_mode,
+            pool_size=settings.upstream_pool_size,
         )
         self.metrics = Metrics(lambda: self.state)
         self.state.observe_latency = self.metrics.observe
@@ -233,6 +236,7 @@ class Runtime:
         state.max_request = settings.max_request_bytes
         state.max_client_output = settings.max_client_output_bytes
         state.idle_timeout = settings.idle_timeout
+        state.pool_size = settings.upstream_pool_size
         if self.server is not None:
             for connection in self.server.connections:
                 session = connection.session

@@ -57,6 +57,7 @@ MiB = 1024 * 1024
 LogFormat = Literal["text", "json"]
 OnDecryptError = Literal["error", "raw"]
 ScriptPolicy = Literal["passthrough", "refuse"]
+UpstreamMode = Literal["pooled", "dedicated"]
 KeyKind = Literal["env", "file", "literal", "literal-from-env", "literal-from-flag"]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -224,6 +225,8 @@ class Settings:
     max_request_bytes: int = 512 * MiB
     max_client_output_bytes: int = 1024 * MiB
     idle_timeout: float = 0.0
+    upstream_mode: UpstreamMode = "pooled"  # clients share connections; "dedicated": one each
+    upstream_pool_size: int = 4  # shared connections per db, protocol and user, per worker
     metrics_listen: str | None = None
     workers: int = 1
     admin_username: str = "fieldcrypt-admin"
@@ -601,6 +604,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_request_bytes", _to_size),
     _Option("max_client_output_bytes", _to_size),
     _Option("idle_timeout", _to_seconds()),
+    _Option("upstream_mode", _to_choice("pooled", "dedicated")),
+    _Option("upstream_pool_size", _to_count(1)),
     _Option("metrics_listen", _to_optional_address),
     _Option("workers", _to_count(1)),
     _Option("admin_username", _to_str),
@@ -1524,6 +1529,15 @@ def explain(settings: Settings) -> str:
     add(
         f"admin:             user {settings.admin_username}, "
         + ("password set" if settings.admin_password else "no password set")
+    )
+    add(
+        "connections:       "
+        + (
+            f"pooled, {settings.upstream_pool_size} shared upstream connections per db, "
+            "protocol and user; a client needing its own (MULTI, blocking, pub/sub...) gets one"
+            if settings.upstream_mode == "pooled"
+            else "dedicated, one upstream connection per client"
+        )
     )
     add(f"metrics:           {settings.metrics_listen or 'off'}")
     add(f"logging:           {settings.log_format}, level {settings.log_level}")

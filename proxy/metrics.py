@@ -66,10 +66,25 @@ def numbers(state: Any) -> dict[str, dict[str, Any]]:
             ),
             "rules": len(crypt.rules) if crypt is not None else 0,
         },
+        "upstream": upstream_numbers(state),
         "migration": migration,
         "commandstats": {
             f"cmdstat_{name}": f"calls={n}" for name, n in command_totals(state).items()
         },
+    }
+
+
+def upstream_numbers(state: Any) -> dict[str, Any]:
+    """How the proxy reaches Redis: its mode and the upstream connections by kind."""
+    pools = state.pools
+    return {
+        "upstream_mode": state.upstream_mode,
+        "upstream_pool_size": state.pool_size,
+        "upstream_routes": len(pools.pools) if pools is not None else 0,
+        "upstream_connections_shared": pools.connections() if pools is not None else 0,
+        "upstream_connections_spare": len(pools.spares) if pools is not None else 0,
+        "upstream_connections_dedicated": state.stats.upstream_dedicated,
+        "clients_pinned": state.stats.clients_pinned,
     }
 
 
@@ -104,6 +119,21 @@ class ProxyCollector(Collector):
         stats = state.stats
         yield GaugeMetricFamily(
             "fieldcrypt_connections_open", "Client connections open", stats.connections_open
+        )
+        upstream = upstream_numbers(state)
+        connections = GaugeMetricFamily(
+            "fieldcrypt_upstream_connections",
+            "Upstream connections open, by kind: shared (pooled), spare (ready for a client "
+            "that pins), dedicated (one client's own)",
+            labels=["kind"],
+        )
+        for kind in ("shared", "spare", "dedicated"):
+            connections.add_metric([kind], upstream[f"upstream_connections_{kind}"])
+        yield connections
+        yield CounterMetricFamily(
+            "fieldcrypt_clients_pinned",
+            "Pooled clients that took an upstream connection of their own",
+            stats.clients_pinned,
         )
         yield CounterMetricFamily(
             "fieldcrypt_connections", "Client connections accepted", stats.connections_total

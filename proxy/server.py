@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from proxy import resp
+from proxy.pooled import PooledLink, Pools, Unreachable
 from proxy.session import Defer, Handler, Session
+from proxy.sharing import Route
 
 log = logging.getLogger("fieldcrypt")
 
@@ -79,6 +81,8 @@ class Stats:
     upstream_errors: int = 0
     connections_rejected: int = 0
     unauthenticated_commands: int = 0  # requests before AUTH, counted apart from names
+    upstream_dedicated: int = 0  # upstream connections of one client's own, open now
+    clients_pinned: int = 0  # pooled clients that took a connection of their own, in all
 
     def count_unauthenticated(self) -> None:
         self.unauthenticated_commands += 1
@@ -103,6 +107,13 @@ class ProxyState:
     command_counts: dict[bytes, int] = field(default_factory=dict)  # names as sent
     observe_latency: Callable[[float], None] | None = None
     databases: int | None = None  # the upstream's `databases` setting, once read
+    upstream_mode: str = "pooled"  # or "dedicated": one upstream connection per client
+    pool_size: int = 4  # shared connections per route (db, protocol, user)
+    pools: Pools | None = None  # pooled mode's shared connections (None: dedicated mode)
+
+    def __post_init__(self) -> None:
+        if self.upstream_mode == "pooled" and self.pools is None:
+            self.pools = Pools(lambda: self.target, lambda: self.pool_size, self.stats)
 
 
 def describe_error(error: BaseException) -> str:
@@ -181,6 +192,7 @@ class UpstreamProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.client.state.stats.upstream_dedicated += 1
 
     def data_received(self, data: bytes) -> None:
         self.client.from_upstream(data)
@@ -192,6 +204,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.client.resume_client_reading("upstream")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.client.state.stats.upstream_dedicated -= 1
         self.client.upstream_lost(exc)
 
 
@@ -209,6 +222,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_paused = False
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None
+        self.link: PooledLink | None = None  # pooled mode: the way to shared connections
         self.reaching = False  # the upstream connection has been asked for
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = 0.0
@@ -223,9 +237,12 @@ class ClientConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         target = self.state.target
+        pools = self.state.pools
+        if pools is not None:  # pooled: shared connections until the session pins
+            self.link = PooledLink(self, pools, Route(target.db))
         self.session = Session(
             self.state.dispatch,
-            self._to_upstream_early,
+            self._to_upstream_early if self.link is None else self.link.send,
             functools.partial(write_to_client, self),
             db=target.db,
             handshake=target.handshake(),
@@ -235,11 +252,45 @@ class ClientConnection(asyncio.Protocol):
             locked=self.state.client_auth,
             databases=self.state.databases,
             count_unauthenticated=self.state.stats.count_unauthenticated,
+            route_to=None if self.link is None else self.link.route_to,
         )
         self.session.loopback = is_loopback(peer)
-        if not self.session.offline:
+        if not self.session.offline and self.link is None:
             self._reach_upstream()
         self._touch()
+
+    def adopt(self, spare: Any) -> None:
+        """Make a ready upstream connection (a pooled.SharedConnection kept spare) this
+        client's own."""
+        transport = spare.transport
+        protocol = UpstreamProtocol(self)
+        self.state.stats.clients_pinned += 1
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        self.upstream = protocol
+        if self.upstream_paused:
+            transport.pause_reading()
+
+    async def connect_own(self) -> None:
+        """A connection of this client's own, for a pooled session that pins; raises
+        pooled.Unreachable."""
+        target = self.state.target
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(target.connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: UpstreamProtocol(self), target.host, target.port, **target.tls_options()
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as error:
+            self.state.stats.upstream_errors += 1
+            raise Unreachable(describe_error(error)) from None
+        if self.closed:
+            protocol.transport.close()  # type: ignore[union-attr]
+            raise Unreachable("the client left")
+        self.state.stats.clients_pinned += 1
+        self.upstream = protocol
+        if self.upstream_paused:
+            protocol.transport.pause_reading()  # type: ignore[union-attr]
 
     def _reach_upstream(self) -> None:
         if not self.reaching:
@@ -448,6 +499,8 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.link is not None:
+            self.link.close()
         self.session = None
         self.early = []
         self.server.on_connection_closed()
@@ -507,6 +560,8 @@ class ProxyServer:
                 log.warning("drain timeout: closing %d connections", len(self.connections))
         for connection in list(self.connections):
             connection.close()
+        if self.state.pools is not None:
+            self.state.pools.close()
         for server in self.servers:
             await server.wait_closed()
 

@@ -21,7 +21,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from proxy import resp
+from proxy import resp, sharing
+from proxy.sharing import Route
 
 Send = Callable[[bytes | bytearray], None]
 """Writes bytes out. A bytearray passed in is a fresh copy, never changed afterwards."""
@@ -134,7 +135,9 @@ class LocalEntry(Entry):
 
 
 class InternalEntry(Entry):
-    """A request the proxy sent on its own (AUTH, SELECT); its reply is swallowed."""
+    """A request the proxy sent on its own (AUTH, SELECT); its reply is swallowed. An
+    error ends the session, unless the request was only a label (CLIENT SETINFO, which
+    older servers don't know)."""
 
     __slots__ = ("what",)
 
@@ -142,7 +145,7 @@ class InternalEntry(Entry):
         self.what = what
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
-        if frame[0] in resp.ERROR_TYPES:
+        if frame[0] in resp.ERROR_TYPES and self.what != "CLIENT SETINFO":
             message = frame[1:].split(b"\r\n", 1)[0].decode(errors="replace")
             session.failed = f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}"
             return resp.error_reply(session.failed)
@@ -191,6 +194,23 @@ class SelectEntry(Entry):
         if frame[0] in resp.ERROR_TYPES:
             session.correct_db(self.previous, self.db_version)
         return frame
+
+
+class RouteEntry(Entry):
+    """AUTH or HELLO of a shared session: where it failed, the session stays where it
+    was (the shell answered it from the route it could not take)."""
+
+    __slots__ = ("inner", "previous")
+
+    def __init__(self, previous: Route, inner: int | Entry) -> None:
+        self.previous = previous
+        self.inner = inner
+
+    def on_reply(self, session: Session, frame: bytes) -> bytes | None:
+        if frame[0] in resp.ERROR_TYPES and not session.route.dedicated:
+            session.route = self.previous
+        inner = self.inner
+        return frame if type(inner) is int else inner.on_reply(session, frame)  # type: ignore[union-attr]
 
 
 class ResetEntry(Entry):
@@ -357,9 +377,18 @@ class Session:
         locked: bool = False,
         databases: int | None = None,
         count_unauthenticated: Callable[[], None] | None = None,
+        route_to: Callable[[Route], None] | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.send_upstream = send_upstream
+        # Pooled mode: requests go to a connection shared with other clients (see
+        # sharing.py); `route_to` tells the shell where the requests after it go.
+        self.route_to = route_to
+        self.route = Route(db, dedicated=route_to is None)
+        self.client_name: bytes | None = None  # CLIENT SETNAME, kept while shared
+        self.client_info: dict[bytes, bytes] = {}  # CLIENT SETINFO, kept while shared
+        self.forwarded = 0  # requests sent upstream, each bringing one reply while shared
+        self._next_route: Route | None = None
         self.send_client = send_client
         self.requests = resp.RequestReader(max_request)
         self.replies = resp.ReplyReader()
@@ -399,7 +428,7 @@ class Session:
         self.loopback = False  # the client connects from this machine (set by the shell)
         self._slow = False  # every request goes through _dispatch, not just known names
         self._lock(locked)
-        if not self.offline:
+        if not self.offline and self.route.dedicated:
             for what, args in self.handshake:
                 self._send_internal(what, args)
 
@@ -414,6 +443,7 @@ class Session:
         counts = self.command_counts
         run = reader.pos  # start of requests forwarded as they are
         decided: Outcome | _Undecided = UNDECIDED  # the handler's answer for the held request
+        commands_before = self.commands
         if not self._slow and reader.buffer is data:  # nothing held over from the last read
             # Plain requests, and those whose handler lets them go as they came, stay in
             # one run: when they fill the read, it goes upstream as it came.
@@ -422,7 +452,12 @@ class Session:
             while True:
                 untouched += reader.take_plain(dispatch, counts)
                 held = reader.held
-                if held is None or held[2] in STATEFUL or self._slow:
+                if (
+                    held is None
+                    or held[2] in STATEFUL
+                    or self._slow
+                    or (held[2] in sharing.SPECIAL and not self.route.dedicated)
+                ):
                     break
                 decided = dispatch[held[2]](self, held[3])
                 if decided is None:
@@ -449,11 +484,13 @@ class Session:
                 self.commands += untouched
                 self._expect_plain(untouched)
             if reader.pos == len(data):  # all of it: forward the read as it came
+                self.forwarded += self.commands - commands_before
                 self.send_upstream(data)
                 reader.compact()
                 return
         buf = reader.buffer
         count = 0
+        sent = self.commands - commands_before  # requests in `out`: the fast path's so far
         out: list[bytes | bytearray] = []  # what goes upstream, in order
         try:
             while reader.pos < len(buf):  # (a held request starts at pos)
@@ -461,6 +498,7 @@ class Session:
                     plain = reader.take_plain(dispatch, counts)
                     if plain:
                         count += plain
+                        sent += plain
                         self._expect_plain(plain)
                 request = reader.next()
                 if request is None:
@@ -472,16 +510,39 @@ class Session:
                 else:
                     resp.count_name(counts, name)
                 if not self._slow and name not in dispatch and not reader.inline:
+                    sent += 1
                     self._expect_plain(1)
                     continue
                 replacement = self._dispatch(name, args, reader.inline, decided)
                 decided = UNDECIDED
+                route = self._next_route
+                if route is not None:
+                    # What came before goes where the session was; this request, alone,
+                    # goes first where it is going (the shell may answer it from there).
+                    self._next_route = None
+                    if run < start:
+                        out.append(buf[run:start])
+                    self._flush(out, sent)
+                    out, sent, run = [], 0, start
+                    assert self.route_to is not None
+                    self.route_to(route)
+                    alone = buf[start:end] if replacement is None else replacement
+                    if alone:  # (RESET, answered here, moves without a request)
+                        self._flush([alone], 1)
+                    run = end
+                    continue
                 if replacement is not None:  # the request's own bytes don't go upstream
                     if run < start:
                         out.append(buf[run:start])
                     if replacement:
                         out.append(replacement)
+                        sent += 1
                     run = end
+                else:
+                    sent += 1
+                if self.quitting:  # QUIT answered here: nothing after it runs
+                    reader.pos = run = len(buf)
+                    break
         except resp.ProtocolError as error:
             if self.closing is None:  # (not behind a QUIT)
                 self._answer(Answer(resp.error_reply(f"ERR {error}")))  # none under REPLY OFF
@@ -490,10 +551,18 @@ class Session:
             self.commands += count
         if run < reader.pos:
             out.append(buf[run : reader.pos])
-        if out:  # one write per read, however many requests it held
-            self.send_upstream(out[0] if len(out) == 1 else b"".join(out))
+        self._flush(out, sent)  # one write per read, however many requests it held
         reader.compact()
         self._emit_ready()
+
+    @property
+    def quitting(self) -> bool:
+        return self.closing is not None
+
+    def _flush(self, out: list[bytes | bytearray], sent: int) -> None:
+        if out:
+            self.forwarded += sent
+            self.send_upstream(out[0] if len(out) == 1 else b"".join(out))
 
     def _dispatch(
         self,
@@ -528,6 +597,15 @@ class Session:
         if isinstance(outcome, Defer):
             self.jobs.append(outcome)  # it runs, whether or not CLIENT REPLY lets its reply out
             return self._reply_here(outcome.entry)
+        previous = self.route
+        moved = b""  # what goes first where the session moves (a dedicated one's handshake)
+        if not previous.dedicated:
+            checked = outcome is not None and outcome.request is not None  # (admin's HELLO)
+            decision = sharing.decide(self, name, args, checked)
+            if type(decision) is bytes:
+                return self._answer(Answer(decision))
+            if type(decision) is Route:
+                moved = self._move(decision)
         request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
         if outcome is not None:
@@ -544,6 +622,8 @@ class Session:
                 entry = (outcome.entry if outcome is not None else None) or 1
         if type(entry) is ExecEntry and entry.abort:
             request = b"*1\r\n$7\r\nDISCARD\r\n"  # Redis never saw the refused command
+        if self._next_route is not None and not self.route.dedicated:
+            entry = RouteEntry(previous, entry)  # a move that fails is undone
         self._expect(entry)
         if type(entry) is ExecEntry and self.multi_modes:
             for mode in self.multi_modes:  # CLIENT REPLY ran inside the transaction
@@ -555,7 +635,25 @@ class Session:
                 parts.append(resp.encode_request(internal_args))
                 self.pending.append(InternalEntry(what))
             return b"".join(parts)
+        if self._next_route is not None and name == b"HELLO" and not self.route.dedicated:
+            request = sharing.shared_hello(args)
+        if moved:
+            return moved + (request or resp.encode_request(args))
         return request
+
+    def _move(self, route: Route) -> bytes:
+        """Move a shared session to `route` before its current request (client_data
+        tells the shell); for a connection of its own, queue the handshake that puts it
+        where the shared one stood, and return it."""
+        self._next_route = route
+        self.route = route
+        if not route.dedicated:
+            return b""
+        parts = []
+        for what, internal_args in sharing.dedicated_handshake(self, route):
+            parts.append(resp.encode_request(internal_args))
+            self.pending.append(InternalEntry(what))
+        return b"".join(parts)
 
     def _expect_plain(self, n: int) -> None:
         """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed
@@ -630,7 +728,7 @@ class Session:
             # Followed at once, so that the commands behind it see the right db; one
             # Redis will refuse is not followed (rules are matched per db).
             previous = self.db
-            db = self._selectable(args)
+            db = self.selectable(args)
             if db is None:
                 return None
             self._follow_db(db)
@@ -657,7 +755,7 @@ class Session:
         """A state-changing command inside MULTI: its effect comes when EXEC runs it."""
         effect: Effect | None = None
         if name == b"SELECT":
-            db = self._selectable(args)
+            db = self.selectable(args)
             if db is None:
                 db = self.db  # Redis will refuse it when EXEC runs it
             self._follow_db(db)  # the queued commands behind it run in that db
@@ -670,7 +768,7 @@ class Session:
                 self.multi_modes.append(mode)
         return QueuedEntry(transform, effect)
 
-    def _selectable(self, args: list[bytes]) -> int | None:
+    def selectable(self, args: list[bytes]) -> int | None:
         """The db of a SELECT that Redis will accept: a number as Redis reads one, below
         the upstream's `databases` when known; None for one Redis refuses."""
         db = resp.redis_int(args[1]) if len(args) == 2 else None
@@ -717,6 +815,7 @@ class Session:
             pending.append(entry)
 
     def _send_internal(self, what: str, args: list[bytes]) -> None:
+        self.forwarded += 1
         self.send_upstream(resp.encode_request(args))
         self.pending.append(InternalEntry(what))
 
@@ -732,8 +831,9 @@ class Session:
     def _go_upstream(self) -> None:
         if self.offline:
             self.offline = False
-            for what, args in self.handshake:
-                self._send_internal(what, args)
+            if self.route.dedicated:  # a shared connection had its handshake already
+                for what, args in self.handshake:
+                    self._send_internal(what, args)
 
     def _lock(self, locked: bool) -> None:
         self.locked = locked
@@ -960,6 +1060,8 @@ class Session:
         self.shard_channels.clear()
         self._update_pubsub()
         self.db = self.initial_db
+        if not self.route.dedicated:  # the shared connection it started on
+            self._move(Route(self.initial_db))
         self._lock(self.requires_auth)  # RESET signs the client out, as in Redis
 
     @property
@@ -996,4 +1098,4 @@ def base_dispatch() -> dict[bytes, Handler]:
     def passthrough(session: Session, args: list[bytes]) -> Outcome:
         return None
 
-    return dict.fromkeys(STATEFUL, passthrough)
+    return dict.fromkeys(STATEFUL | sharing.SPECIAL, passthrough)
