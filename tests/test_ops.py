@@ -476,18 +476,23 @@ def test_proxy_reaches_a_tls_redis_when_it_trusts_the_ca(
         ),
     ],
 )
+@pytest.mark.parametrize("mode", ["dedicated", "pooled"])
 def test_proxy_refuses_a_tls_redis_it_cannot_verify(
     tls_redis: TlsRedis,
     pki: Pki,
     proxies: Proxies,
     upstream_tls: dict[str, str],
     reason: str,
+    mode: str,
 ) -> None:
     files = {"ca": pki.ca, "other": pki.other_ca}
     settings = {k: files.get(v, v) for k, v in upstream_tls.items()}
-    proxy = proxies.start(tls_redis.url, upstream_tls=settings)
+    proxy = proxies.start(tls_redis.url, upstream_tls=settings, upstream_mode=mode)
     conn = Conn(proxy.port)
-    reply = conn.read()  # said unprompted, as soon as the upstream connection fails
+    if mode == "pooled":
+        conn.send("PING")  # a pooled client reaches upstream when it first sends
+    # (dedicated: said unprompted, as soon as the client's own connection fails)
+    reply = conn.read()
     assert re.fullmatch(
         rb"-ERR fieldcrypt: upstream 127\.0\.0\.1:%d unreachable "
         rb"\(TLS certificate verification failed: [^\r\n]+\)\r\n" % tls_redis.port,
@@ -495,7 +500,8 @@ def test_proxy_refuses_a_tls_redis_it_cannot_verify(
     ), reply
     assert re.search(reason.encode(), reply), reply
     assert conn.closed_by_peer()
-    assert proxy.run(lambda: proxy.state.stats.upstream_errors) == 1
+    errors = proxy.run(lambda: proxy.state.stats.upstream_errors)
+    assert errors == 1 if mode == "dedicated" else errors >= 1  # (and the spares' tries)
 
 
 def test_proxy_reaches_a_tls_redis_without_verification_when_told_to(
@@ -671,11 +677,12 @@ def test_a_clients_own_auth_and_hello_auth_reach_redis(
     assert [entry["username"] for entry in log] == ["alice"]  # Redis judged it
 
 
+@pytest.mark.parametrize("mode", ["dedicated", "pooled"])
 def test_proxy_side_client_password_gates_clients_and_never_reaches_redis(
-    locked_redis: EmbeddedServer, proxies: Proxies
+    locked_redis: EmbeddedServer, proxies: Proxies, mode: str
 ) -> None:
     url = f"redis://:{quote(UPSTREAM_PW, safe='')}@{HOST}:{locked_redis.port}"
-    proxy = proxies.start(url, client_password=CLIENT_PW)
+    proxy = proxies.start(url, client_password=CLIENT_PW, upstream_mode=mode)
     direct = redis.Redis(port=locked_redis.port, password=UPSTREAM_PW)
     direct.config_resetstat()
     direct.acl_log_reset()
@@ -701,7 +708,12 @@ def test_proxy_side_client_password_gates_clients_and_never_reaches_redis(
     assert wrong.call("GET", "gate:1") == b"-NOAUTH Authentication required.\r\n"
     assert wrong.call("AUTH", UPSTREAM_PW).startswith(b"-WRONGPASS")  # Redis's is no use here
 
-    connections = 3  # that authenticated: `wrong` never reached Redis
+    # The proxy's own AUTH, once per upstream connection it opened: one for each client
+    # that authenticated (dedicated), or each shared and spare one (pooled); `wrong`
+    # never reached Redis.
+    assert proxy.state.pools is None or mode == "pooled"
+    pools = proxy.state.pools
+    connections = 3 if pools is None else proxy.run(lambda: pools.opened)
     stats = direct.info("commandstats")
     assert stats["cmdstat_auth"]["calls"] == connections  # the proxy's own, one per connection
     assert stats["cmdstat_auth"].get("failed_calls", 0) == 0
@@ -800,7 +812,9 @@ def test_metrics_count_the_traffic_and_health_follows_the_upstream(
         time.sleep(0.05)
     assert statuses[-1] == 503, statuses
     assert http_get(metrics_port, "/healthz")[0] == 200  # alive, though not ready
-    reply = Conn(proxy.port).read()
+    conn = Conn(proxy.port)
+    conn.send("PING")  # pooled: a client reaches upstream when it first sends
+    reply = conn.read()
     assert b"unreachable (connection refused)" in reply
     assert scrape(metrics_port)["fieldcrypt_upstream_errors_total"] >= 1
     assert proxy.stop() == 0
@@ -838,7 +852,9 @@ def test_json_logs_record_lifecycle_events_and_never_a_value_or_secret(
 
     locked_redis.stop()
     for _ in range(2):
-        assert b"unreachable" in Conn(proxy.port).read()
+        conn = Conn(proxy.port)
+        conn.send("PING")  # pooled: a client reaches upstream when it first sends
+        assert b"unreachable" in conn.read()
     proxy.wait_for_log("unreachable", count=2)
     assert proxy.stop() == 0
 

@@ -31,6 +31,7 @@ from proxy.crypto import HEADER_PREFIX, Key, KeyRing
 from tests.servers import ALL_SERVER_KINDS, ConfiguredProxy, EmbeddedServer, Wire
 
 UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
+UPSTREAM_MODES = ["pooled", "dedicated"]
 
 HOST = "127.0.0.1"
 
@@ -142,9 +143,9 @@ class Fieldcrypt(ConfiguredProxy):
 
 
 @pytest.fixture
-def fc(upstream: EmbeddedServer, tmp_path: Path) -> Iterator[Fieldcrypt]:
+def fc(upstream: EmbeddedServer, tmp_path: Path, upstream_mode: str) -> Iterator[Fieldcrypt]:
     """fieldcrypt with key ring [A] in front of a flushed `upstream`."""
-    harness = Fieldcrypt(upstream, tmp_path)
+    harness = Fieldcrypt(upstream, tmp_path, upstream_mode)
     harness.direct.flushall()
     harness.restart()
     yield harness

@@ -35,6 +35,7 @@ from tests.servers import (
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 SERVER_KINDS = ["redis", "valkey"]  # as the `upstream` fixture
+UPSTREAM_MODES = ["pooled", "dedicated"]
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_redis_py_client_sees_upstream_unreachable_error() -> None:
 
 def test_raw_client_gets_upstream_unreachable_error_line_then_eof() -> None:
     dead_port = free_port()
-    handle = ProxyThread(make_state(dead_port))
+    handle = ProxyThread(make_state(dead_port, upstream_mode="dedicated"))
     try:
         sock = raw_connect(handle.port)
         data, ending = read_to_end(sock)
@@ -210,7 +211,7 @@ def test_raw_client_gets_upstream_unreachable_error_line_then_eof() -> None:
 def test_client_blocked_in_blpop_gets_eof_when_its_upstream_connection_is_killed(
     own_upstream: EmbeddedServer,
 ) -> None:
-    handle = ProxyThread(make_state(own_upstream.port))
+    handle = ProxyThread(make_state(own_upstream.port, upstream_mode="dedicated"))
     try:
         sock = raw_connect(handle.port)
         sock.sendall(encode_request([b"BLPOP", b"fc:never", b"0"]))
@@ -233,7 +234,7 @@ def test_client_blocked_in_blpop_gets_eof_when_its_upstream_connection_is_killed
 def test_client_gets_eof_when_the_upstream_server_stops_and_new_clients_get_an_error(
     own_upstream: EmbeddedServer,
 ) -> None:
-    handle = ProxyThread(make_state(own_upstream.port))
+    handle = ProxyThread(make_state(own_upstream.port, upstream_mode="dedicated"))
     try:
         sock = raw_connect(handle.port)
         sock.sendall(b"PING\r\n")
@@ -398,17 +399,17 @@ def proxy_upstream_address(handle: ProxyThread) -> str:
 
 @pytest.mark.parametrize("hang_up", ["rst", "fin"])
 def test_client_vanishing_mid_pipeline_leaves_no_connection_task_or_upstream_behind(
-    upstream: EmbeddedServer, proxy: ProxyThread, hang_up: str
+    upstream: EmbeddedServer, dedicated_proxy: ProxyThread, hang_up: str
 ) -> None:
-    tasks_before = proxy.run(lambda: len(asyncio.all_tasks(proxy.loop)))
+    tasks_before = dedicated_proxy.run(lambda: len(asyncio.all_tasks(dedicated_proxy.loop)))
     value = b"v" * 100
     pipeline = b"".join(
         encode_request([b"SET", b"fc:vanish:%d" % (i % 100), value]) for i in range(10_000)
     )
     half = b"*3\r\n$3\r\nSET\r\n$5\r\nfc:xx\r\n$100\r\nvvvvv"
-    sock = raw_connect(proxy.port)
+    sock = raw_connect(dedicated_proxy.port)
     sock.sendall(pipeline + half)
-    address = proxy_upstream_address(proxy)
+    address = proxy_upstream_address(dedicated_proxy)
     assert any(c["addr"] == address for c in upstream_clients(upstream.port))
     with redis.Redis(port=upstream.port) as direct:
         wait_for(lambda: direct.dbsize() > 0, what="the pipeline to reach the server")
@@ -417,9 +418,12 @@ def test_client_vanishing_mid_pipeline_leaves_no_connection_task_or_upstream_beh
     else:
         sock.close()
 
-    wait_for(lambda: proxy.run(lambda: not proxy.server.connections), what="no connection")
-    assert proxy.run(lambda: proxy.state.stats.connections_open) == 0
-    assert proxy.run(lambda: len(asyncio.all_tasks(proxy.loop))) == tasks_before
+    wait_for(
+        lambda: dedicated_proxy.run(lambda: not dedicated_proxy.server.connections),
+        what="no connection",
+    )
+    assert dedicated_proxy.run(lambda: dedicated_proxy.state.stats.connections_open) == 0
+    assert dedicated_proxy.run(lambda: len(asyncio.all_tasks(dedicated_proxy.loop))) == tasks_before
     wait_for(
         lambda: all(c["addr"] != address for c in upstream_clients(upstream.port)),
         what="the upstream connection to close",

@@ -39,6 +39,7 @@ from tests.servers import (
 )
 
 UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
+UPSTREAM_MODES = ["pooled", "dedicated"]
 
 T = TypeVar("T")
 Arg = bytes | str | int | float
@@ -803,13 +804,18 @@ def test_wrong_passwords_give_the_same_errors_as_directly(
     name, _ = acl_user
 
     def conversation(port: int) -> bytes:
+        # One at a time: Redis 8.2 drops the replies of some failed AUTHs pipelined
+        # behind another (directly, too).
         with RawClient(port) as client:
-            return client.until_end(
-                command("AUTH", name, "wrong"),
-                command("AUTH", "nosuchuser", "wrong"),
-                command("AUTH", "wrong"),  # the default user has no password
-                command("HELLO", 3, "AUTH", name, "wrong"),
-                command("ACL", "WHOAMI"),
+            return b"".join(
+                client.until_end(request)
+                for request in (
+                    command("AUTH", name, "wrong"),
+                    command("AUTH", "nosuchuser", "wrong"),
+                    command("AUTH", "wrong"),  # the default user has no password
+                    command("HELLO", 3, "AUTH", name, "wrong"),
+                    command("ACL", "WHOAMI"),
+                )
             )
 
     through_proxy, direct = proxied_and_direct(upstream, proxy, conversation)

@@ -26,6 +26,7 @@ from proxy.crypto import HEADER_PREFIX, Key, KeyRing
 from tests.servers import ALL_SERVER_KINDS, ConfiguredProxy, EmbeddedServer, Wire
 
 UPSTREAM_KINDS = ALL_SERVER_KINDS  # the `upstream` kinds here (tests/conftest.py)
+UPSTREAM_MODES = ["pooled", "dedicated"]
 
 HOST = "127.0.0.1"
 LUA = Path(__file__).parent / "lua"
@@ -149,9 +150,9 @@ def protocol(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
-def fc(upstream: EmbeddedServer, tmp_path: Path) -> Iterator[Fieldcrypt]:
+def fc(upstream: EmbeddedServer, tmp_path: Path, upstream_mode: str) -> Iterator[Fieldcrypt]:
     """fieldcrypt with key ring [A] in front of a flushed `upstream` that has fclib loaded."""
-    harness = Fieldcrypt(upstream, tmp_path)
+    harness = Fieldcrypt(upstream, tmp_path, upstream_mode)
     harness.direct.flushall()
     harness.direct.function_load(FCLIB.decode(), replace=True)
     harness.restart()
