@@ -14,6 +14,7 @@ import hiredis
 from bench.servers import HOST
 
 CLIENTS = 50
+MANY_CLIENTS = 1000  # the "c=1000" tests: redis-benchmark -c 1000 at pipeline 1
 GET_KEYS = 10_000  # strings prefilled for GET
 HASHES = 1_000  # 10-field hashes prefilled for HGET and HMGET
 BIG_HASHES = 100  # 100-field hashes prefilled for HGETALL
@@ -46,21 +47,24 @@ class Test:
     keyspace: int  # redis-benchmark -r
     weight: float  # share of --requests at pipeline 16
     prefill: str | None  # the kind of key it reads, prefilled before the runs
+    clients: int = CLIENTS  # redis-benchmark -c
+    command: str = ""  # the command it runs; "" = its name
 
     def args(self, prefix: str, size: int) -> list[str]:
         val = value(size).decode()
-        if self.name == "SET":
+        name = self.command or self.name
+        if name == "SET":
             return ["set", rand_key(prefix, size, "s"), val]
-        if self.name == "GET":
+        if name == "GET":
             return ["get", rand_key(prefix, size, "g")]
-        if self.name == "HSET":
+        if name == "HSET":
             return ["hset", rand_key(prefix, size, "w"), "f1", val]
-        if self.name == "HGET":
+        if name == "HGET":
             return ["hget", rand_key(prefix, size, "h"), "f5"]
-        if self.name == "HMGET":
+        if name == "HMGET":
             fields = [f"f{i}" for i in range(1, SMALL_FIELDS + 1)]
             return ["hmget", rand_key(prefix, size, "h"), *fields]
-        if self.name == "HGETALL":
+        if name == "HGETALL":
             return ["hgetall", rand_key(prefix, size, "H")]
         raise ValueError(self.name)
 
@@ -81,9 +85,14 @@ TESTS: dict[str, Test] = {
         Test("HGET", HASHES, 0.5, "h"),
         Test("HMGET", HASHES, 0.25, "h"),
         Test("HGETALL", BIG_HASHES, 0.05, "H"),
+        # 1,000 clients at pipeline 1: twice the 50-client runs' requests, as each
+        # client's connection setup is part of the run
+        Test("SET c=1000", WRITE_KEYSPACE, 2.0, None, MANY_CLIENTS, "SET"),
+        Test("GET c=1000", GET_KEYS, 2.0, "g", MANY_CLIENTS, "GET"),
     )
 }
 HASH_TESTS = ("HSET", "HGET", "HMGET", "HGETALL")
+MANY_TESTS = ("SET c=1000", "GET c=1000")
 
 
 # --- a tiny RESP client for prefilling and checks ---------------------------------
@@ -207,7 +216,12 @@ def parse_csv(output: str) -> Result:
 
 
 def redis_benchmark(
-    port: int, args: Sequence[str], requests: int, pipeline: int, keyspace: int
+    port: int,
+    args: Sequence[str],
+    requests: int,
+    pipeline: int,
+    keyspace: int,
+    clients: int = CLIENTS,
 ) -> Result:
     command = [
         "redis-benchmark",
@@ -216,7 +230,7 @@ def redis_benchmark(
         "-p",
         str(port),
         "-c",
-        str(CLIENTS),
+        str(clients),
         "-n",
         str(requests),
         "-P",

@@ -10,6 +10,20 @@ from typing import Any
 from bench.load import TESTS, size_label
 
 REFERENCES = ("redis", "twemproxy", "forwarder")
+# fc-passthrough over the byte forwarder in docs/bench-latest.md's full run of
+# 2026-12-07 18:38 UTC (3 rounds), before pooled mode: every client had its own upstream
+# connection then, as fc-dedicated has now. "Dedicated no slower than before" compares
+# fc-dedicated's ratio to the forwarder with these (test, pipeline, size).
+BEFORE_POOLED_VS_FORWARDER: dict[tuple[str, int, int], float] = {
+    ("SET", 1, 64): 0.78,
+    ("GET", 1, 64): 0.66,
+    ("SET", 16, 64): 0.79,
+    ("GET", 16, 64): 0.68,
+    ("SET", 1, 1024): 0.86,
+    ("GET", 1, 1024): 0.68,
+    ("SET", 16, 1024): 0.66,
+    ("GET", 16, 1024): 0.82,
+}
 MiB = 1 << 20
 HISTOGRAM_CEILING_MS = 3000.0  # redis-benchmark's latency histogram stops at 3 s
 
@@ -113,15 +127,20 @@ def find(summary: list[Row], target: str, test: str, pipeline: int, size: int) -
     return None
 
 
-def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row]:
-    """The targets fieldcrypt aims for, each met / not met / not run, with the measured
+def goals(
+    runs: list[Row],
+    sizes: list[int],
+    memory: dict[str, Any],
+    connections: dict[str, Any] | None = None,
+) -> list[Row]:
+    """The targets fieldcrypt aims for, each met / missed / not run, with the measured
     ratio: the median of the per-round ratios (each round's range is in `rounds`)."""
     out: list[Row] = []
 
     def compare(name: str, a: Key, b: Key, threshold: float) -> None:
         ratios = paired(runs, a, b)
         value = median_or_none(ratios)
-        status = "not run" if value is None else ("met" if value >= threshold else "not met")
+        status = "not run" if value is None else ("met" if value >= threshold else "missed")
         why = ""
         if value is None:
             missing = {a[0], b[0]} - {r["target"] for r in runs if r["error"] is None}
@@ -137,28 +156,43 @@ def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row
             }
         )
 
+    # The pooled-mode issue's targets (fc-passthrough is pooled, pool size 4, 50 clients)
     for size in sizes:
         label = size_label(size)
         for test in ("SET", "GET"):
-            mine = ("fc-passthrough", test, 16, size)
+            mine = ("fc-passthrough", test, 1, size)
             compare(
-                f"pipeline 16 passthrough {test} {label} >= 1.5x twemproxy",
+                f"pipeline 1 pooled passthrough {test} {label} >= 1.0x byte forwarder",
                 mine,
-                ("twemproxy", test, 16, size),
-                1.5,
-            )
-            compare(
-                f"pipeline 16 passthrough {test} {label} >= 0.8x byte forwarder",
-                mine,
-                ("forwarder", test, 16, size),
-                0.8,
-            )
-            compare(
-                f"pipeline 1 passthrough {test} {label} >= 0.9x byte forwarder",
-                ("fc-passthrough", test, 1, size),
                 ("forwarder", test, 1, size),
-                0.9,
+                1.0,
             )
+            compare(
+                f"pipeline 1 pooled passthrough {test} {label} >= 0.7x twemproxy",
+                mine,
+                ("twemproxy", test, 1, size),
+                0.7,
+            )
+            compare(
+                f"pipeline 16 pooled passthrough {test} {label} >= 1.3x twemproxy",
+                ("fc-passthrough", test, 16, size),
+                ("twemproxy", test, 16, size),
+                1.3,
+            )
+    out.append(_connections_goal(connections or {}))
+    for size in sizes:
+        for pipeline in (1, 16):
+            for test in ("SET", "GET"):
+                before = BEFORE_POOLED_VS_FORWARDER.get((test, pipeline, size))
+                if before is None:
+                    continue
+                compare(
+                    f"dedicated P{pipeline} {test} {size_label(size)} no slower than before: "
+                    f">= {before:.2f}x byte forwarder (fc-passthrough before pooled mode)",
+                    ("fc-dedicated", test, pipeline, size),
+                    ("forwarder", test, pipeline, size),
+                    before,
+                )
     for size in sizes:
         for pipeline in (1, 16):
             for test in ("HSET", "HGET", "HGETALL"):
@@ -173,7 +207,7 @@ def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row
     if thousand is None:
         out.append(
             {
-                "goal": "RSS <= 60 MiB with 1,000 idle connections",
+                "goal": "RSS <= 60 MiB with 1,000 idle connections (dedicated mode)",
                 "threshold": 60.0,
                 "measured": None,
                 "status": "not run",
@@ -184,10 +218,10 @@ def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row
         mib = thousand["rss_kb"] / 1024
         out.append(
             {
-                "goal": "RSS <= 60 MiB with 1,000 idle connections",
+                "goal": "RSS <= 60 MiB with 1,000 idle connections (dedicated mode)",
                 "threshold": 60.0,
                 "measured": mib,
-                "status": "met" if mib <= 60 else "not met",
+                "status": "met" if mib <= 60 else "missed",
                 "why": "",
             }
         )
@@ -198,7 +232,7 @@ def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row
                 "goal": "bounded RSS for a client that never reads",
                 "threshold": None,
                 "measured": push["rss_growth_second_half_kb"] / 1024,
-                "status": "met" if push["bounded"] else "not met",
+                "status": "met" if push["bounded"] else "missed",
                 "why": f"{push['bytes_written'] / 2**20:.0f} MiB written, "
                 f"{push['stopped_because']}",
             }
@@ -214,6 +248,33 @@ def goals(runs: list[Row], sizes: list[int], memory: dict[str, Any]) -> list[Row
             }
         )
     return out
+
+
+def _connections_goal(connections: dict[str, Any]) -> Row:
+    """1,000 pooled clients that need no state: at most pool size x workers upstream
+    connections, counted by Redis (spares included), idle and under redis-benchmark."""
+    pooled = connections.get("pooled") or {}
+    pool, workers = pooled.get("pool_size"), pooled.get("workers")
+    name = "1,000 connected clients (pooled, no state) use <= upstream_pool_size x workers"
+    phases = [pooled.get(k) or {} for k in ("idle_silent", "idle_after_ping", "active")]
+    seen = [p.get("redis_sees") for p in phases]
+    if pool is None or any(v is None for v in seen):
+        why = pooled.get("error") or "not measured"
+        return {"goal": name, "threshold": None, "measured": None, "status": "not run", "why": why}
+    limit = pool * workers
+    worst = max(v for v in seen if v is not None)
+    shared = max(p.get("shared", 0) for p in phases)
+    spare = max(p.get("spare", 0) for p in phases)
+    return {
+        "goal": f"{name} ({pool} x {workers} = {limit}) upstream connections",
+        "threshold": limit,
+        "measured": worst,
+        "status": "met" if worst <= limit else "missed",
+        "unit": "connections",
+        "why": f"Redis sees at most {worst} (idle {seen[0]}, idle after a PING each {seen[1]}, "
+        f"under redis-benchmark -c 1000 {seen[2]}); the proxy counts at most {shared} shared "
+        f"+ {spare} spare (kept for clients that pin)",
+    }
 
 
 # --- Markdown -------------------------------------------------------------------------
@@ -288,12 +349,22 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {info.get('pids', '')} | {_num(info['peak_rss_kb'] / 1024, 1)} |")
     lines.append("")
     lines += _workers_md(result["workers"])
+    lines += _connections_md(result.get("connections") or {}, result["runs"])
     lines += _memory_md(result["memory"])
-    lines += ["## targets", ""]
+    lines += [
+        "## targets",
+        "",
+        "fc-passthrough is pooled (pool size 4), fc-dedicated one upstream connection per "
+        'client; the "before" ratios are fc-passthrough\'s in the full run of 2026-12-07 '
+        "18:38 UTC (before pooled mode). One round's ratio moves by ±0.2 on this machine.",
+        "",
+    ]
     for goal in result["goals"]:
         measured = goal["measured"]
         if measured is None:
             shown = ""
+        elif goal.get("unit") == "connections":
+            shown = f": {measured}"
         elif goal["threshold"] is None or "MiB" in goal["goal"]:
             shown = f": {measured:.1f} MiB" + (
                 " growth over the second half" if goal["threshold"] is None else ""
@@ -306,6 +377,61 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- **{goal['status']}** {goal['goal']}{shown}{why}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _connections_md(connections: dict[str, Any], runs: list[Row]) -> list[str]:
+    lines = [
+        "## upstream connections with 1,000 clients",
+        "",
+        "A fresh fieldcrypt per mode (passthrough, pool size 4, one worker), Redis with no "
+        "other client: *Redis sees* is its connected_clients minus the count before the "
+        "proxy started (the bench's INFO connection cancels out); shared / spare / dedicated "
+        "are `FIELDCRYPT INFO upstream`. *Silent*: 1,000 connections opened, nothing sent; "
+        "*after a PING*: each sent one PING, got +PONG and went quiet; *active*: the peak "
+        "sampled every 0.2 s during `redis-benchmark -c 1000 -P 1` SET 64 B (the sampler's "
+        "connection is one more client).",
+        "",
+        "| mode | phase | Redis sees | shared | spare | dedicated | req/s | proxy RSS MiB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for mode in ("pooled", "dedicated"):
+        data = connections.get(mode) or {}
+        if data.get("error"):
+            lines.append(f"| {mode} | failed: {data['error']} | | | | | | |")
+            continue
+        for phase, label in (
+            ("started", "started, no client"),
+            ("idle_silent", "1,000 silent"),
+            ("idle_after_ping", "1,000 after a PING"),
+            ("active", "1,000 active"),
+        ):
+            p = data.get(phase)
+            if not p:
+                continue
+            lines.append(
+                f"| {mode} | {label} | {p.get('redis_sees', '—')} | {p.get('shared', '—')} "
+                f"| {p.get('spare', '—')} | {p.get('dedicated', '—')} "
+                f"| {_num(p.get('rps'))} | {p.get('rss_mib', '—')} |"
+            )
+    lines.append("")
+    peaks = [r for r in runs if r.get("upstream_peak")]
+    if peaks:
+        lines += [
+            "During the throughput runs' 1,000-client tests (the long-lived proxies; peak of "
+            "`FIELDCRYPT INFO upstream`):",
+            "",
+            "| target | test | round | shared | spare | dedicated | total |",
+            "|---|---|--:|--:|--:|--:|--:|",
+        ]
+        for r in peaks:
+            peak = r["upstream_peak"]
+            lines.append(
+                f"| {r['target']} | {r['test']} | {r['round']} | {peak.get('shared', '—')} "
+                f"| {peak.get('spare', '—')} | {peak.get('dedicated', '—')} "
+                f"| {peak.get('total', '—')} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _workers_md(workers: Row) -> list[str]:
@@ -325,11 +451,16 @@ def _workers_md(workers: Row) -> list[str]:
 
 
 def _memory_md(memory: dict[str, Any]) -> list[str]:
-    lines = ["## memory (passthrough proxy, a fresh process per test)", ""]
+    lines = [
+        "## memory (passthrough proxy, a fresh process per test; the non-reading client "
+        "through pooled mode)",
+        "",
+    ]
     idle = memory.get("idle") or {}
     if idle.get("points"):
         lines += [
-            f"Idle connections (RSS before any: {idle['baseline_rss_mib']} MiB; open-file limit "
+            "Idle connections, dedicated mode (each with its upstream connection) "
+            f"(RSS before any: {idle['baseline_rss_mib']} MiB; open-file limit "
             f"bench {idle['nofile_soft_bench']}, proxy {idle['nofile_soft_proxy']}):",
             "",
             "| requested | opened | upstream conns | RSS MiB | KiB per connection |",

@@ -4,6 +4,7 @@ report. See bench/README.md."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import memory, report, servers
+from bench import memory, pooling, report, servers
 from bench.load import (
+    CLIENTS,
     HASH_TESTS,
+    MANY_TESTS,
     TESTS,
     Client,
     fill_key,
@@ -158,7 +161,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     else:
         procs["twemproxy"] = servers.start_twemproxy(twemproxy_binary, workdir, redis.port)
     procs["forwarder"] = servers.start_forwarder(workdir, redis.port)
-    procs["fc-passthrough"] = servers.start_fieldcrypt("fc-passthrough", workdir, redis.port)
+    procs["fc-passthrough"] = servers.start_fieldcrypt(
+        "fc-passthrough", workdir, redis.port, mode="pooled", pool_size=pooling.POOL_SIZE
+    )
+    procs["fc-dedicated"] = servers.start_fieldcrypt(
+        "fc-dedicated", workdir, redis.port, mode="dedicated"
+    )
     config = workdir / "protected.yaml"
     config.write_text(
         f'keys:\n  - secret: "{servers.keygen()}"\nrules:\n  - key: "bench:*"\n    fields: ["*"]\n'
@@ -186,12 +194,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             targets_info[f"fc-workers-{n}"] = {"skipped": workers_note}
 
     all_tests = tuple(TESTS)
+    fifty = tuple(t for t in TESTS if t not in MANY_TESTS)
     targets = [
         Target("redis", "redis", "redis", all_tests, (1, 16), proxy=False),
         Target("twemproxy", "twemproxy", "twemp", all_tests, (1, 16)),
         Target("forwarder", "forwarder", "fwder", all_tests, (1, 16)),
         Target("fc-passthrough", "fc-passthrough", "fcpas", all_tests, (1, 16)),
-        Target("fc-protected", "fc-rules", "bench", all_tests, (1, 16)),
+        Target("fc-dedicated", "fc-dedicated", "fcded", ("SET", "GET", *MANY_TESTS), (1, 16)),
+        Target("fc-protected", "fc-rules", "bench", fifty, (1, 16)),
         Target("fc-unprotected", "fc-rules", "plain", HASH_TESTS, (1, 16)),
         Target("fc-workers-1", "fc-workers-1", "fcw1x", ("SET", "GET"), (16,)),
         Target("fc-workers-2", "fc-workers-2", "fcw2x", ("SET", "GET"), (16,)),
@@ -220,6 +230,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if name != "redis":
             servers.stop(procs.pop(name))
 
+    log(f"bench: {pooling.MANY_CLIENTS} clients on fresh pooled and dedicated proxies")
+    connections = pooling.connection_tests(workdir, redis, args.requests // 2)
     memory_result = memory_tests(quick, workdir, redis)
     summary = report.summarize(runs, target_order)
     workers = workers_summary(runs, summary, sizes, workers_note)
@@ -231,7 +243,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "summary": summary,
         "workers": workers,
         "memory": memory_result,
-        "goals": report.goals(runs, sizes, memory_result),
+        "connections": connections,
+        "goals": report.goals(runs, sizes, memory_result, connections),
         "runs": runs,
     }
     servers.stop(redis)
@@ -283,6 +296,8 @@ def throughput(
         for pipeline in (1, 16)
         for test in TESTS
         if any(test in t.tests and pipeline in t.pipelines for t in targets)
+        # the 1,000-client tests: pipeline 1 and 64 B only
+        and (TESTS[test].clients == CLIENTS or (pipeline == 1 and size == 64))
     ]
     total = args.rounds * sum(
         1 for c in configs for t in targets if c[0] in t.tests and c[1] in t.pipelines
@@ -308,6 +323,7 @@ def throughput(
                     "test": test_name,
                     "pipeline": pipeline,
                     "size": size,
+                    "clients": test.clients,
                     "requests": requests,
                     "rps": None,
                     "p50_ms": None,
@@ -325,11 +341,25 @@ def throughput(
                     row["error"] = broken[target.server]
                     log(f"bench: {row['error']}")
                     continue
-                cpu_before, redis_before = proc.cpu(), redis.cpu()
-                result = redis_benchmark(
-                    proc.port, test.args(target.prefix, size), requests, pipeline, test.keyspace
+                # fieldcrypt under many clients: its upstream connections, sampled
+                sampler = (
+                    pooling.Sampler(proc.port)
+                    if target.name.startswith("fc-") and test.clients != CLIENTS
+                    else contextlib.nullcontext()
                 )
+                cpu_before, redis_before = proc.cpu(), redis.cpu()
+                with sampler:
+                    result = redis_benchmark(
+                        proc.port,
+                        test.args(target.prefix, size),
+                        requests,
+                        pipeline,
+                        test.keyspace,
+                        clients=test.clients,
+                    )
                 cpu_after, redis_after = proc.cpu(), redis.cpu()
+                if isinstance(sampler, pooling.Sampler):
+                    row["upstream_peak"] = dict(sampler.peak, sampler_error=sampler.error)
                 row.update(
                     rps=result.rps,
                     p50_ms=result.p50_ms,
@@ -350,8 +380,10 @@ def throughput(
 def memory_tests(quick: bool, workdir: Path, redis: Server) -> dict[str, Any]:
     out: dict[str, Any] = {}
     counts = [1000] if quick else [1000, 10_000]
-    log(f"bench: idle connections {counts} to a fresh passthrough proxy")
-    proxy = servers.start_fieldcrypt("fc-idle", workdir, redis.port)
+    log(f"bench: idle connections {counts} to a fresh dedicated-mode passthrough proxy")
+    # dedicated: each client's upstream connection is part of what is measured (and waited
+    # for); pooled mode's RSS with 1,000 clients is in the connection tests
+    proxy = servers.start_fieldcrypt("fc-idle", workdir, redis.port, mode="dedicated")
     try:
         out["idle"] = memory.idle_connections(proxy, redis.port, counts)
     except (OSError, RuntimeError, ServerError) as error:
@@ -360,7 +392,7 @@ def memory_tests(quick: bool, workdir: Path, redis: Server) -> dict[str, Any]:
         servers.stop(proxy)
     limit = 128 * MiB if quick else GiB
     log(f"bench: a client writes {limit // MiB} MiB of SETs without reading, fresh proxy")
-    proxy = servers.start_fieldcrypt("fc-nonreading", workdir, redis.port)
+    proxy = servers.start_fieldcrypt("fc-nonreading", workdir, redis.port, mode="pooled")
     try:
         out["nonreading"] = memory.nonreading_client(proxy, redis.port, limit)
     except (OSError, RuntimeError, ServerError) as error:

@@ -291,7 +291,12 @@ def start_fieldcrypt(
     upstream_port: int,
     config: Path | None = None,
     workers: int | None = None,
+    mode: str | None = None,
+    pool_size: int | None = None,
 ) -> Server:
+    """`fieldcrypt serve` on a free port. `mode` ("pooled" or "dedicated") and `pool_size`
+    are passed as FIELDCRYPT_UPSTREAM_MODE / FIELDCRYPT_UPSTREAM_POOL_SIZE; None leaves
+    fieldcrypt's default."""
     port = free_port()
     command = [
         sys.executable,
@@ -308,7 +313,14 @@ def start_fieldcrypt(
     if workers is not None:
         command += ["--workers", str(workers)]
     processes = 1 + workers if workers is not None and workers > 1 else 1
-    return _spawn(name, port, command, workdir, proxy_env(), processes)
+    env = proxy_env()
+    if mode is not None:
+        env["FIELDCRYPT_UPSTREAM_MODE"] = mode
+    if pool_size is not None:
+        env["FIELDCRYPT_UPSTREAM_POOL_SIZE"] = str(pool_size)
+    server = _spawn(name, port, command, workdir, env, processes)
+    server.extra.update(mode=mode or "default", workers=workers or 1)
+    return server
 
 
 def start_forwarder(workdir: Path, upstream_port: int) -> Server:
