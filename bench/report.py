@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.load import TESTS, size_label
 
-REFERENCES = ("redis", "twemproxy", "forwarder")
+REFERENCES = ("redis", "twemproxy", "forwarder", "fc-before")
 # fc-passthrough over the byte forwarder in docs/bench-latest.md's full run of
 # 2026-12-07 18:38 UTC (3 rounds), before pooled mode: every client had its own upstream
 # connection then, as fc-dedicated has now. "Dedicated no slower than before" compares
@@ -180,9 +180,18 @@ def goals(
                 1.3,
             )
     out.append(_connections_goal(connections or {}))
+    before_ran = any(r["target"] == "fc-before" and r["error"] is None for r in runs)
     for size in sizes:
         for pipeline in (1, 16):
             for test in ("SET", "GET"):
+                if before_ran:  # the same run: the better comparison
+                    compare(
+                        f"dedicated P{pipeline} {test} {size_label(size)} no slower than "
+                        "before: >= 1.0x fc-before (same run)",
+                        ("fc-dedicated", test, pipeline, size),
+                        ("fc-before", test, pipeline, size),
+                        1.0,
+                    )
                 before = BEFORE_POOLED_VS_FORWARDER.get((test, pipeline, size))
                 if before is None:
                     continue
@@ -319,13 +328,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     summary = result["summary"]
     sections = sorted({(r["size"], r["pipeline"]) for r in summary})
+    before = any(r.get("x_fc-before") is not None for r in summary)
+    if before:
+        lines += [f"fc-before: proxy/ at {meta.get('before', '?')}", ""]
     for size, pipeline in sections:
         lines += [
             f"## pipeline {pipeline}, {size_label(size)} values",
             "",
             "| target | test | req/s | p50 ms | p99 ms | vs redis | vs twemproxy | vs forwarder "
-            "| proxy CPU s/100k |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+            + ("| vs fc-before " if before else "")
+            + "| proxy CPU s/100k |",
+            "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if before else "") + "--:|",
         ]
         for r in summary:
             if (r["size"], r["pipeline"]) != (size, pipeline):
@@ -334,7 +347,9 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['target']} | {r['test']} | {rps} | {_ms(r['p50_ms'])} "
                 f"| {_ms(r['p99_ms'])} | {_x(r['x_redis'])} | {_x(r['x_twemproxy'])} "
-                f"| {_x(r['x_forwarder'])} | {_num(r['cpu_s_per_100k'], 2)} |"
+                f"| {_x(r['x_forwarder'])} "
+                + (f"| {_x(r['x_fc-before'])} " if before else "")
+                + f"| {_num(r['cpu_s_per_100k'], 2)} |"
             )
         lines.append("")
     lines += [

@@ -72,6 +72,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "a half, HMGET a quarter, HGETALL a twentieth (a hundredth with 1 KB values); "
         "at least 1000",
     )
+    parser.add_argument(
+        "--before",
+        metavar="REF",
+        help="also run fieldcrypt's proxy/ as of this git commit, passthrough, as target "
+        "fc-before (SET and GET), e.g. db3755a^ for the last one before pooled mode",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -167,6 +173,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     procs["fc-dedicated"] = servers.start_fieldcrypt(
         "fc-dedicated", workdir, redis.port, mode="dedicated"
     )
+    if args.before:
+        before_root = servers.export_proxy(args.before, workdir / "before")
+        meta["before"] = tool_version(
+            ["git", "-C", str(servers.ROOT), "log", "-1", "--format=%h (%cs)", args.before]
+        )
+        procs["fc-before"] = servers.start_fieldcrypt(
+            "fc-before", workdir, redis.port, root=before_root
+        )
+        log(f"bench: fc-before is proxy/ at {meta['before']}")
     config = workdir / "protected.yaml"
     config.write_text(
         f'keys:\n  - secret: "{servers.keygen()}"\nrules:\n  - key: "bench:*"\n    fields: ["*"]\n'
@@ -201,6 +216,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         Target("forwarder", "forwarder", "fwder", all_tests, (1, 16)),
         Target("fc-passthrough", "fc-passthrough", "fcpas", all_tests, (1, 16)),
         Target("fc-dedicated", "fc-dedicated", "fcded", ("SET", "GET", *MANY_TESTS), (1, 16)),
+        Target("fc-before", "fc-before", "fcbef", ("SET", "GET", *MANY_TESTS), (1, 16)),
         Target("fc-protected", "fc-rules", "bench", fifty, (1, 16)),
         Target("fc-unprotected", "fc-rules", "plain", HASH_TESTS, (1, 16)),
         Target("fc-workers-1", "fc-workers-1", "fcw1x", ("SET", "GET"), (16,)),
@@ -344,7 +360,7 @@ def throughput(
                 # fieldcrypt under many clients: its upstream connections, sampled
                 sampler = (
                     pooling.Sampler(proc.port)
-                    if target.name.startswith("fc-") and test.clients != CLIENTS
+                    if target.name in ("fc-passthrough", "fc-dedicated") and test.clients != CLIENTS
                     else contextlib.nullcontext()
                 )
                 cpu_before, redis_before = proc.cpu(), redis.cpu()

@@ -253,11 +253,28 @@ def start_redis(workdir: Path) -> Server:
     return _spawn("redis", port, command, workdir)
 
 
-def proxy_env() -> dict[str, str]:
-    """The environment for fieldcrypt: the repository importable, no FIELDCRYPT_* leaking in."""
+def proxy_env(root: Path = ROOT) -> dict[str, str]:
+    """The environment for fieldcrypt: `root`'s proxy/ importable (first on the path, ahead
+    of the editable install), no FIELDCRYPT_* leaking in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCRYPT_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return env
+
+
+def export_proxy(ref: str, into: Path) -> Path:
+    """proxy/ as it was at git `ref`, extracted under `into` (git archive: the repository
+    and its worktree are left as they are); the directory to put on PYTHONPATH."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "proxy"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise ServerError(f"git archive {ref} proxy: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    return into
 
 
 def fieldcrypt_supports_workers() -> bool:
@@ -293,6 +310,7 @@ def start_fieldcrypt(
     workers: int | None = None,
     mode: str | None = None,
     pool_size: int | None = None,
+    root: Path = ROOT,
 ) -> Server:
     """`fieldcrypt serve` on a free port. `mode` ("pooled" or "dedicated") and `pool_size`
     are passed as FIELDCRYPT_UPSTREAM_MODE / FIELDCRYPT_UPSTREAM_POOL_SIZE; None leaves
@@ -313,7 +331,7 @@ def start_fieldcrypt(
     if workers is not None:
         command += ["--workers", str(workers)]
     processes = 1 + workers if workers is not None and workers > 1 else 1
-    env = proxy_env()
+    env = proxy_env(root)
     if mode is not None:
         env["FIELDCRYPT_UPSTREAM_MODE"] = mode
     if pool_size is not None:
