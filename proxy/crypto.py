@@ -463,8 +463,15 @@ class KeyRing:
         """Whether the value is fieldcrypt's to open or to report: a version 1 header
         naming a key of this ring (damaged or not), or a whole well-formed envelope (of
         a key the ring lacks). Bytes that only start with the prefix are neither."""
-        header = _HEADER.match(value)
-        return header is not None and (header.group(2) in self._by_kid or is_envelope(value))
+        if (  # the usual answer by slices: a header naming a key of this ring
+            value[_KID_OFFSET : _HEADER_LENGTH - 1] in self._by_kid
+            and value[_HEADER_LENGTH - 1 : _HEADER_LENGTH] == b"$"
+            and value[_MODE_OFFSET + 1 : _MODE_OFFSET + 2] == b"$"
+            and value[_MODE_OFFSET : _MODE_OFFSET + 1] in (MODE_FIELD, MODE_KEY)
+            and value.startswith(HEADER_PREFIX)
+        ):
+            return True
+        return _HEADER.match(value) is not None and is_envelope(value)  # of a key it lacks
 
     def needs_rotation(self, value: bytes) -> bool:
         """True for an envelope sealed under a key other than the primary (not for

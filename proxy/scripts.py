@@ -378,10 +378,11 @@ class _Found:
     header, with the field name and key name it is to be opened under, and whether the
     reply can be rewritten by splicing its bytes (see `_ScriptReply.transform`)."""
 
-    __slots__ = ("reply", "spliceable", "total", "values")
+    __slots__ = ("reply", "spliceable", "strict", "total", "values")
 
     def __init__(self, reply: _ScriptReply) -> None:
         self.reply = reply
+        self.strict = reply.strict
         self.values: dict[bytes, tuple[bytes | None, bytes | None]] = {}
         self.total = 0  # occurrences of such values, duplicates included
         self.spliceable = True
@@ -396,50 +397,72 @@ class _Found:
 
     def scan(self, node: Any, key: bytes | None) -> None:
         if type(node) is list:
-            previous: bytes | None = None  # the name the shape gives the next element
+            previous: bytes | None = None  # the string before the next element
+            strict = self.strict
+            values = self.values
+            total = 0
+            prefix = HEADER_PREFIX
             for item in node:
                 if type(item) is bytes:
-                    previous = self.string(item, previous, key)
+                    if item.startswith(prefix):
+                        name = (
+                            previous
+                            if previous is None or not previous.startswith(prefix)
+                            else self.name(previous)
+                        )
+                        if strict:
+                            self.envelope(item, name, key)
+                        else:  # `envelope`'s common case, inline: a value, once or again
+                            where = (name, key)
+                            known = values.setdefault(item, where)
+                            if known is not where and known != where:
+                                self.spliceable = False
+                            total += 1
+                    elif strict and previous is not None:
+                        name = self.name(previous)
+                        if name is not None:
+                            self.reply.check_cleartext(item, name, key)
+                    # (The header inside a string, or twice in one, shows as a count the
+                    # values found don't make up: see `transform`.)
+                    previous = item
                 else:
                     if type(item) is list or type(item) is dict:
                         self.scan(item, key)
                     previous = None
+            self.total += total
         elif type(node) is dict:
             for name, item in node.items():
-                if type(name) is bytes:
-                    if name.find(HEADER_PREFIX) >= 0:
-                        self.spliceable = False
-                    elif type(item) is bytes:
-                        self.string(item, name, key)
-                        continue
+                if type(name) is not bytes:
+                    name = None
+                elif name.find(HEADER_PREFIX) >= 0:
+                    self.spliceable = False  # a map key is a name, never opened
                 if type(item) is bytes:
-                    self.string(item, None, key)
+                    if item.startswith(HEADER_PREFIX):
+                        self.envelope(item, name, key)
+                    elif name is not None and self.reply.strict:
+                        self.reply.check_cleartext(item, name, key)
                 elif type(item) is list or type(item) is dict:
                     self.scan(item, key)
-        elif type(node) is bytes:
-            self.string(node, None, key)
+        elif type(node) is bytes and node.startswith(HEADER_PREFIX):
+            self.envelope(node, None, key)
 
-    def string(self, item: bytes, name: bytes | None, key: bytes | None) -> bytes | None:
-        """Note one string of the reply; returns the name it gives the element after it:
-        itself, unless it is fieldcrypt's envelope (a value, not a name)."""
-        at = item.find(HEADER_PREFIX)
-        if at < 0:
-            if name is not None and self.reply.strict:
-                self.reply.check_cleartext(item, name, key)
-            return item
-        if at > 0 or item.find(HEADER_PREFIX, 1) >= 0:
-            self.spliceable = False  # the header inside a value: only whole values are opened
-            return item
-        where = (name, key)  # what it opens under (the key counts for the names to try)
+    def name(self, previous: bytes | None) -> bytes | None:
+        """The name the string before an element gives it: any string, but an envelope
+        of fieldcrypt's (a value, not a name); asked only where it matters."""
+        if previous is None or not previous.startswith(HEADER_PREFIX):
+            return previous
+        return None if self.reply.crypt.keyring.owns(previous) else previous
+
+    def envelope(self, item: bytes, name: bytes | None, key: bytes | None) -> None:
+        """Note a string that starts with the header: a value to open under (name, key),
+        or, when it isn't fieldcrypt's, cleartext that only looks like one."""
+        where = (name, key)
         known = self.values.setdefault(item, where)
-        if known != where:
+        if known is not where and known != where:
             self.spliceable = False  # the same bytes in two places that open differently
         self.total += 1
-        if self.reply.crypt.keyring.owns(item):
-            return None
-        if name is not None and self.reply.strict:  # starts like one, but is cleartext
+        if name is not None and self.reply.strict and not self.reply.crypt.keyring.owns(item):
             self.reply.check_cleartext(item, name, key)
-        return item
 
 
 def _splice(frame: bytes, opened: dict[bytes, bytes]) -> tuple[bytes, int]:
@@ -597,8 +620,19 @@ class _ScriptReply:
         opened: dict[bytes, bytes] = {}
         refused: list[tuple[bytes, bytes | None, bytes | None]] = []  # opened by no name
         foreign = 0  # values that only start like an envelope: not fieldcrypt's, kept as is
+        cached = keyring.cached
         for stored, (name, key) in found.values.items():
-            plain = self.open(stored, name, key)
+            # The decrypt cache holds only what authenticated: a hit is the answer. (A
+            # key-bound value under no known key is never looked up: `open` refuses it.)
+            plain = (
+                cached((stored, name, key or b""))
+                if cached is not None
+                and name is not None
+                and (key is not None or stored[_MODE_AT : _MODE_AT + 1] != MODE_KEY)
+                else None
+            )
+            if plain is None:
+                plain = self.open(stored, name, key)
             if plain is None:
                 plain = stored  # what `raw` gives; `error` raises below
                 if keyring.owns(stored):
