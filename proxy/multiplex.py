@@ -57,12 +57,28 @@ class ReplyRouter(Generic[Owner]):
         buf = reader.buffer
         waiting = self.waiting
         out: list[tuple[Owner, bytes, int]] = []
-        next_end = reader.next if self.resp3 else reader.next_resp2
-        while waiting and reader.pos < len(buf):
+        resp3 = self.resp3
+        next_end = reader.next if resp3 else reader.next_resp2
+        while reader.pos < len(buf):
+            if resp3 and buf[reader.pos] == resp.PUSH:
+                # Out of band (an invalidation another client's CLIENT TRACKING REDIRECT
+                # sent here): no one's reply, and no one's to read.
+                end = next_end()
+                if end < 0:
+                    break
+                reader.pos = end
+                continue
+            if not waiting:
+                # Nothing is owed: a stray reply. No client asked for it.
+                end = next_end()
+                if end < 0:
+                    break
+                reader.pos = end
+                continue
             head = waiting[0]
             start = reader.pos
             due = head.replies
-            while due:
+            while due and not (resp3 and reader.pos < len(buf) and buf[reader.pos] == resp.PUSH):
                 end = next_end()
                 if end < 0:
                     break
@@ -76,12 +92,10 @@ class ReplyRouter(Generic[Owner]):
                     out.append((head.owner, bytes(buf[start : reader.pos]), count))
             if due:
                 head.replies = due
-                break
+                if reader.pos == start or reader.pos >= len(buf) or buf[reader.pos] != resp.PUSH:
+                    break  # the rest of its replies have not come yet
+                continue  # a push among its replies: passed over above
             waiting.popleft()
-        if not waiting and reader.pos < len(buf):
-            # Nothing is owed: a stray reply (or a push). No client asked for it.
-            while (end := next_end()) >= 0:
-                reader.pos = end
         reader.compact()
         return out
 

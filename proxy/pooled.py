@@ -19,10 +19,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy import resp
 from proxy.multiplex import ReplyRouter
+from proxy.resp import CRLF
 from proxy.sharing import Route
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ class Unreachable(Exception):
 class SharedConnection(asyncio.Protocol):
     """One upstream connection that the requests of many clients share."""
 
-    def __init__(self, pool: Pool, handshake: list[list[bytes]], resp3: bool) -> None:
+    def __init__(self, pool: Pool, handshake: list[Step], resp3: bool) -> None:
         self.pool = pool
         self.router: ReplyRouter[Any] = ReplyRouter(resp3)
         self.transport: asyncio.Transport | None = None
@@ -69,11 +71,10 @@ class SharedConnection(asyncio.Protocol):
         self.closed = False
         self._out: list[bytes | bytearray] = []
         self._flush_due = False
-        self._handshake = len(handshake)
-        self._refusal: bytes | None = None
+        self._handshake = HandshakeReplies([required for _, required in handshake])
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for args in handshake:
-            self.send(self, resp.encode_request(args), 1)
+        if handshake:
+            self.send(self, b"".join(resp.encode_request(a) for a, _ in handshake), len(handshake))
 
     # --- writing: one write per loop turn, however many clients wrote --------------
 
@@ -94,7 +95,7 @@ class SharedConnection(asyncio.Protocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, base)
-        if not self._handshake and not self.ready.done():
+        if self._handshake.done and not self.ready.done():
             self.ready.set_result(None)  # nothing to say first
         if self._out:
             self._flush_due = True
@@ -114,15 +115,14 @@ class SharedConnection(asyncio.Protocol):
                 owner.deliver(chunk, count)
 
     def _handshake_reply(self, chunk: bytes, count: int) -> None:
-        self._handshake -= count
-        if self._refusal is None:
-            self._refusal = _first_error(chunk)
-        if self._handshake == 0 and not self.ready.done():
-            if self._refusal is not None:
-                self.ready.set_exception(Refused(self._refusal))
-                self.close()
-            else:
-                self.ready.set_result(None)
+        _, refusal = self._handshake.take(chunk)
+        if self.ready.done():
+            return
+        if refusal is not None:
+            self.ready.set_exception(Refused(refusal))
+            self.close()
+        elif self._handshake.done:
+            self.ready.set_result(None)
 
     async def ask(self, args: list[bytes]) -> bytes:
         """Send one request of the proxy's own on this connection; its reply."""
@@ -169,15 +169,39 @@ class _Question:
             self.answer.set_exception(Unreachable(cause))
 
 
-def _first_error(chunk: bytes) -> bytes | None:
-    """The first error reply among the complete replies in `chunk`."""
-    reader = resp.ReplyReader()
-    reader.feed(chunk)
-    while (end := reader.next()) > 0:
-        if chunk[reader.pos] in resp.ERROR_TYPES:
-            return chunk[reader.pos : end]
-        reader.pos = end
-    return None
+Step = tuple[list[bytes], bool]
+"""A request the proxy says first on a new connection, and whether it must succeed (a
+label such as a connection's name may be refused, by an ACL say, and it goes on)."""
+
+
+class HandshakeReplies:
+    """The replies to what the proxy said first on a connection, taken off the stream
+    before anything else comes back on it."""
+
+    def __init__(self, required: list[bool]) -> None:
+        self._required = required
+        self._reader = resp.ReplyReader()
+
+    @property
+    def done(self) -> bool:
+        return not self._required
+
+    def take(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """What of `data` comes after the handshake's replies, and the first refusal of
+        a step that must succeed (None: none yet)."""
+        reader = self._reader
+        reader.feed(data)
+        buf = reader.buffer
+        refusal = None
+        while self._required and (end := reader.next()) > 0:
+            if buf[reader.pos] in resp.ERROR_TYPES and self._required[0] and refusal is None:
+                refusal = bytes(buf[reader.pos : end])
+            self._required.pop(0)
+            reader.pos = end
+        if self._required:
+            reader.compact()
+            return b"", refusal
+        return bytes(buf[reader.pos :]), refusal
 
 
 class Pool:
@@ -243,8 +267,8 @@ class Pool:
     def discard(self, connection: SharedConnection) -> None:
         if connection in self.connections:
             self.connections.remove(connection)
-        if not self.connections and self.route.auth is not None:
-            self.pools.forget(self)  # credentials no connection holds: not kept
+        if not self.connections:
+            self.pools.forget(self)  # a route no connection holds is not kept
 
 
 class Pools:
@@ -311,29 +335,58 @@ class Pools:
             self._refilling = False
 
     def pool(self, route: Route) -> Pool | None:
-        """The pool for `route`; None past MAX_POOLS routes (the client gets its own)."""
+        """The pool for `route`. Past MAX_POOLS routes an idle pool (no client on it,
+        nothing in flight) makes room; None when none is idle."""
         digest = hashlib.sha256(b"\0".join(route.auth)).digest() if route.auth is not None else None
         key = (route.db, route.resp3, digest)
         pool = self.pools.get(key)
         if pool is None:
-            if len(self.pools) >= MAX_POOLS:
+            if len(self.pools) >= MAX_POOLS and not self._evict_idle():
                 return None
             pool = self.pools[key] = Pool(self, route)
         return pool
 
-    def handshake(self, route: Route, named: bool = True) -> list[list[bytes]]:
-        steps: list[list[bytes]] = []
-        if route.auth is not None:
-            steps.append([b"AUTH", *route.auth])
-        else:
-            steps += [args for what, args in self.target().handshake() if what == "AUTH"]
+    def _evict_idle(self) -> bool:
+        for key, pool in self.pools.items():
+            if all(not c.links and not c.router.waiting for c in pool.connections):
+                for connection in list(pool.connections):
+                    connection.close()
+                del self.pools[key]
+                return True
+        return False
+
+    def handshake(self, route: Route, named: bool = True) -> list[Step]:
+        """What a shared connection of `route` is told first (a spare is told the same
+        for the proxy's user and its first db, unnamed)."""
+        steps: list[Step] = [(args, True) for args in self._auth(route)]
         if route.db:
-            steps.append([b"SELECT", b"%d" % route.db])
+            steps.append(([b"SELECT", b"%d" % route.db], True))
         if route.resp3:
-            steps.append([b"HELLO", b"3"])
+            steps.append(([b"HELLO", b"3"], True))
         if named:
-            steps.append([b"CLIENT", b"SETNAME", b"fieldcrypt-pool"])
+            steps.append(([b"CLIENT", b"SETNAME", b"fieldcrypt-pool"], False))
         return steps
+
+    def own_handshake(self, route: Route, spare: bool) -> list[Step]:
+        """What a connection of a client's own is told first, so that it stands where
+        the client stood: from a spare (the proxy's user, the upstream's first db) or
+        from a new connection (Redis's default user, db 0)."""
+        steps: list[Step] = []
+        if route.auth is not None or not spare:
+            steps += [(args, True) for args in self._auth(route)]
+        if route.db != (self.target().db if spare else 0):
+            steps.append(([b"SELECT", b"%d" % route.db], True))
+        if route.resp3:
+            steps.append(([b"HELLO", b"3"], True))
+        if route.name is not None:
+            steps.append(([b"CLIENT", b"SETNAME", route.name], False))
+        steps += [([b"CLIENT", b"SETINFO", a, v], False) for a, v in route.info]
+        return steps
+
+    def _auth(self, route: Route) -> list[list[bytes]]:
+        if route.auth is not None:
+            return [[b"AUTH", *route.auth]]
+        return [args for what, args in self.target().handshake() if what == "AUTH"]
 
     def forget(self, pool: Pool) -> None:
         for key, known in list(self.pools.items()):
@@ -365,7 +418,8 @@ class PooledLink:
         self.route = route  # where the requests that aren't queued go
         self.shared: SharedConnection | None = None
         self.inflight = 0  # replies due on `shared`
-        self.queue: deque[Route | tuple[bytes | bytearray, int]] = deque()
+        # What waits behind a move: (data, replies) and (Route, follows), in order.
+        self.queue: deque[tuple[Any, Any]] = deque()
         self.moving = False
         self.forwarded = 0  # the session's count when it last sent
         self.queued = 0  # bytes waiting in `queue`
@@ -388,8 +442,10 @@ class PooledLink:
             return
         self._write(data, replies)
 
-    def route_to(self, route: Route) -> None:
-        self.queue.append(route)
+    def route_to(self, route: Route, follows: bool = True) -> None:
+        """What the session sends next goes to `route`; `follows`: the request that
+        moved it comes next (and is answered with the route's refusal, if any)."""
+        self.queue.append((route, follows))
         self._advance()
 
     # --- moving ----------------------------------------------------------------------
@@ -414,64 +470,63 @@ class PooledLink:
     def _advance(self) -> None:
         while self.queue and not self.moving and not self.closed:
             head = self.queue[0]
-            if type(head) is Route:
+            if type(head[0]) is Route:
                 if self.inflight:
                     return  # replies in flight where the session is come back first
                 self.queue.popleft()
-                if not head.dedicated and not self.queue and head.auth in (None, self.route.auth):
-                    # Nothing to send there yet (RESET), and no credentials to check:
-                    # connect when something is sent.
+                route, follows = head
+                if self.route.dedicated or (route == self.route and self._here() is not None):
+                    continue  # where it is already (a connection of its own follows anyway)
+                if not route.dedicated and not follows and route.auth in (None, self.route.auth):
+                    # Nothing to send there yet (RESET, a move undone), no credentials
+                    # to check: connect when something is sent.
                     self._leave_shared()
-                    self.route = head
+                    self.route = route
                     continue
-                if head.dedicated:
+                if route.dedicated:
                     spare = self.pools.take_spare()
                     if spare is not None:  # at once: nothing behind it can overtake it
-                        self.client.adopt(spare)
+                        self.client.adopt(spare, self.pools.own_handshake(route, spare=True))
                         self._leave_shared()
-                        self.route = head
+                        self.route = route
                         continue
-                self._move(head, refusable=True)
+                self._move(route, follows)
                 return
             if self._here() is None:
-                self._move(self.route, refusable=False)  # (again) where the session is
+                self._move(self.route, False)  # (again) where the session is
                 return
             self.queue.popleft()
-            data, replies = head  # type: ignore[misc]
+            data, replies = head
             self.queued -= len(data)
             self._write(data, replies)
         if self.queued <= QUEUE_LOW_WATER:
             self.client.resume_client_reading("moving")
 
-    def _move(self, route: Route, refusable: bool) -> None:
+    def _move(self, route: Route, follows: bool) -> None:
         self.moving = True
-        task = asyncio.get_running_loop().create_task(self._moving(route, refusable))
+        task = asyncio.get_running_loop().create_task(self._moving(route, follows))
         self.client.server.tasks.add(task)
         task.add_done_callback(self.client.server.tasks.discard)
 
-    async def _moving(self, route: Route, refusable: bool) -> None:
+    async def _moving(self, route: Route, follows: bool) -> None:
         try:
             if route.dedicated:
-                await self.client.connect_own()
+                await self.client.connect_own(self.pools.own_handshake(route, spare=False))
                 self._leave_shared()
             else:
                 pool = self.pools.pool(route)
-                if pool is None:  # too many routes: a connection of its own stands in
-                    raise Unreachable("too many distinct users, dbs and protocols to share")
+                if pool is None:
+                    raise Refused(
+                        b"-ERR fieldcrypt: too many distinct users, dbs and protocols in use "
+                        b"through this proxy to share a connection; try again later\r\n"
+                    )
                 shared = await pool.acquire()
                 self._leave_shared()
                 self.shared = shared
                 shared.links.add(self)
             self.route = route
         except Refused as refusal:
-            # The request that made the move gets the refusal; the session stays where
-            # it was for what follows.
-            if refusable and self.queue and type(self.queue[0]) is tuple:
-                data, replies = self.queue.popleft()  # type: ignore[misc]
-                self.queued -= len(data)
-                self._answer(refusal.reply * max(replies, 1))
-            else:
-                self._fail(refusal.reply)
+            self._refused(route, follows, refusal.reply)
         except Unreachable as error:
             self._fail(
                 resp.error_reply(
@@ -481,6 +536,30 @@ class PooledLink:
         finally:
             self.moving = False
         self._advance()
+
+    def _refused(self, route: Route, follows: bool, reply: bytes) -> None:
+        """`route` can't be had: the request that moved the session there gets the
+        refusal, and the session stays where it was."""
+        if route.auth != self.route.auth:
+            # Credentials the client just gave (AUTH, HELLO AUTH): the moves the session
+            # made after it carry them too, and stand where the client still is.
+            for i, item in enumerate(self.queue):
+                if type(item[0]) is Route and item[0].auth == route.auth:
+                    self.queue[i] = (replace(item[0], auth=self.route.auth), item[1])
+        elif route.auth is not None:
+            # Credentials it proved before no longer open a connection (its password
+            # changed): it may go on where it is, but not move.
+            said = reply[1:].split(CRLF, 1)[0].decode(errors="replace")
+            reply = resp.error_reply(
+                "ERR fieldcrypt: the upstream refused this client's credentials on a new "
+                f"connection ({said}); AUTH again"
+            )
+        if route.dedicated or not follows or not self.queue or type(self.queue[0][0]) is Route:
+            self._fail(reply)  # a pin, or nothing to answer with it: it can't go on
+            return
+        data, replies = self.queue.popleft()
+        self.queued -= len(data)
+        self._answer(reply * max(replies, 1))
 
     def _leave_shared(self) -> None:
         if self.shared is not None:
@@ -516,7 +595,7 @@ class PooledLink:
 
     def _fail(self, reply: bytes) -> None:
         """No route for what is queued: each request gets `reply`, then the client goes."""
-        replies = sum(item[1] for item in self.queue if type(item) is tuple)
+        replies = sum(item[1] for item in self.queue if type(item[0]) is not Route)
         self.queue.clear()
         self.queued = 0
         self._answer(reply * max(replies, 1))

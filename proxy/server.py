@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from proxy import resp
-from proxy.pooled import PooledLink, Pools, Unreachable
+from proxy.pooled import HandshakeReplies, PooledLink, Pools, Step, Unreachable
 from proxy.session import Defer, Handler, Session
 from proxy.sharing import Route
 
@@ -182,11 +182,13 @@ def write_to_client(connection: Any, data: bytes | bytearray) -> None:
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    def __init__(self, client: ClientConnection) -> None:
+    def __init__(self, client: ClientConnection, handshake: HandshakeReplies | None = None) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
-        # Replies go straight to the client connection: one Python call per read, not two.
-        self.data_received = client.from_upstream  # type: ignore[method-assign]
+        self.handshake = handshake  # replies to what the proxy said first, taken off
+        if handshake is None or handshake.done:
+            # Replies go straight to the client connection: one Python call per read.
+            self.data_received = client.from_upstream  # type: ignore[method-assign]
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's transports are no subclasses
@@ -195,7 +197,20 @@ class UpstreamProtocol(asyncio.Protocol):
         self.client.state.stats.upstream_dedicated += 1
 
     def data_received(self, data: bytes) -> None:
-        self.client.from_upstream(data)
+        handshake = self.handshake
+        if handshake is None:
+            self.client.from_upstream(data)
+            return
+        rest, refusal = handshake.take(data)
+        if refusal is not None:
+            said = refusal[1:].split(resp.CRLF, 1)[0].decode(errors="replace")
+            self.client.refuse(f"the upstream refused this client's own connection ({said})")
+            return
+        if handshake.done:
+            self.handshake = None
+            self.data_received = self.client.from_upstream  # type: ignore[method-assign]
+            if rest:
+                self.client.from_upstream(rest)
 
     def pause_writing(self) -> None:
         self.client.pause_client_reading("upstream")
@@ -259,11 +274,13 @@ class ClientConnection(asyncio.Protocol):
             self._reach_upstream()
         self._touch()
 
-    def adopt(self, spare: Any) -> None:
+    def adopt(self, spare: Any, handshake: list[Step]) -> None:
         """Make a ready upstream connection (a pooled.SharedConnection kept spare) this
-        client's own."""
+        client's own, told `handshake` first."""
         transport = spare.transport
-        protocol = UpstreamProtocol(self)
+        protocol = UpstreamProtocol(self, HandshakeReplies([r for _, r in handshake]))
+        if handshake:
+            transport.write(b"".join(resp.encode_request(args) for args, _ in handshake))
         self.state.stats.clients_pinned += 1
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -271,15 +288,19 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream_paused:
             transport.pause_reading()
 
-    async def connect_own(self) -> None:
-        """A connection of this client's own, for a pooled session that pins; raises
-        pooled.Unreachable."""
+    async def connect_own(self, handshake: list[Step]) -> None:
+        """A connection of this client's own, for a pooled session that pins, told
+        `handshake` first; raises pooled.Unreachable."""
         target = self.state.target
         loop = asyncio.get_running_loop()
+        replies = HandshakeReplies([required for _, required in handshake])
         try:
             async with asyncio.timeout(target.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: UpstreamProtocol(self), target.host, target.port, **target.tls_options()
+                    lambda: UpstreamProtocol(self, replies),
+                    target.host,
+                    target.port,
+                    **target.tls_options(),
                 )
         except (OSError, TimeoutError, ssl.SSLError) as error:
             self.state.stats.upstream_errors += 1
@@ -289,8 +310,20 @@ class ClientConnection(asyncio.Protocol):
             raise Unreachable("the client left")
         self.state.stats.clients_pinned += 1
         self.upstream = protocol
+        if handshake:
+            protocol.transport.write(  # type: ignore[union-attr]
+                b"".join(resp.encode_request(args) for args, _ in handshake)
+            )
         if self.upstream_paused:
             protocol.transport.pause_reading()  # type: ignore[union-attr]
+
+    def refuse(self, why: str) -> None:
+        """The upstream refused what this client's own connection was told first: the
+        client can't go on (its transaction or subscription would run elsewhere)."""
+        log.warning("client %s closed: %s", self.peer, why)
+        if not self.closed and self.transport is not None:
+            self.transport.write(resp.error_reply(f"ERR fieldcrypt: {why}"))
+        self.close()
 
     def _reach_upstream(self) -> None:
         if not self.reaching:

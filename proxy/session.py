@@ -208,7 +208,11 @@ class RouteEntry(Entry):
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
         if frame[0] in resp.ERROR_TYPES and not session.route.dedicated:
+            # Refused, or lost on the way (it may have run there): both stand where
+            # the session stood, and what follows goes there.
             session.route = self.previous
+            if session.route_to is not None:
+                session.route_to(self.previous, False)
         inner = self.inner
         return frame if type(inner) is int else inner.on_reply(session, frame)  # type: ignore[union-attr]
 
@@ -377,12 +381,13 @@ class Session:
         locked: bool = False,
         databases: int | None = None,
         count_unauthenticated: Callable[[], None] | None = None,
-        route_to: Callable[[Route], None] | None = None,
+        route_to: Callable[[Route, bool], None] | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.send_upstream = send_upstream
         # Pooled mode: requests go to a connection shared with other clients (see
-        # sharing.py); `route_to` tells the shell where the requests after it go.
+        # sharing.py); `route_to` tells the shell where the requests after it go, and
+        # whether the request that moved it goes first.
         self.route_to = route_to
         self.route = Route(db, dedicated=route_to is None)
         self.client_name: bytes | None = None  # CLIENT SETNAME, kept while shared
@@ -525,9 +530,9 @@ class Session:
                     self._flush(out, sent)
                     out, sent, run = [], 0, start
                     assert self.route_to is not None
-                    self.route_to(route)
                     alone = buf[start:end] if replacement is None else replacement
-                    if alone:  # (RESET, answered here, moves without a request)
+                    self.route_to(route, bool(alone))  # (RESET moves without a request)
+                    if alone:
                         self._flush([alone], 1)
                     run = end
                     continue
@@ -598,14 +603,13 @@ class Session:
             self.jobs.append(outcome)  # it runs, whether or not CLIENT REPLY lets its reply out
             return self._reply_here(outcome.entry)
         previous = self.route
-        moved = b""  # what goes first where the session moves (a dedicated one's handshake)
         if not previous.dedicated:
             checked = outcome is not None and outcome.request is not None  # (admin's HELLO)
             decision = sharing.decide(self, name, args, checked)
             if type(decision) is bytes:
                 return self._answer(Answer(decision))
             if type(decision) is Route:
-                moved = self._move(decision)
+                self._move(decision)
         request = resp.encode_request(args) if inline else None  # arrays go as they came
         transform = None
         if outcome is not None:
@@ -637,23 +641,14 @@ class Session:
             return b"".join(parts)
         if self._next_route is not None and name == b"HELLO" and not self.route.dedicated:
             request = sharing.shared_hello(args)
-        if moved:
-            return moved + (request or resp.encode_request(args))
         return request
 
-    def _move(self, route: Route) -> bytes:
+    def _move(self, route: Route) -> None:
         """Move a shared session to `route` before its current request (client_data
-        tells the shell); for a connection of its own, queue the handshake that puts it
-        where the shared one stood, and return it."""
+        tells the shell, which tells a connection of the session's own where to stand
+        before the request goes there)."""
         self._next_route = route
         self.route = route
-        if not route.dedicated:
-            return b""
-        parts = []
-        for what, internal_args in sharing.dedicated_handshake(self, route):
-            parts.append(resp.encode_request(internal_args))
-            self.pending.append(InternalEntry(what))
-        return b"".join(parts)
 
     def _expect_plain(self, n: int) -> None:
         """`n` requests whose replies pass untouched; one in SAMPLE_EVERY is timed
@@ -1061,6 +1056,7 @@ class Session:
         self._update_pubsub()
         self.db = self.initial_db
         if not self.route.dedicated:  # the shared connection it started on
+            self.client_name = None  # (RESET clears the name, not the library info)
             self._move(Route(self.initial_db))
         self._lock(self.requires_auth)  # RESET signs the client out, as in Redis
 

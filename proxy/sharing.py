@@ -30,9 +30,9 @@ class Route:
     resp3: bool = False
     auth: tuple[bytes, ...] | None = None
     dedicated: bool = False
-
-    def pinned(self) -> Route:
-        return replace(self, dedicated=True)
+    # What a connection of its own is told besides: the client's name and library.
+    name: bytes | None = None
+    info: tuple[tuple[bytes, bytes], ...] = ()
 
     def __repr__(self) -> str:  # never the password
         user = (self.auth[0] if len(self.auth) == 2 else b"default") if self.auth else None
@@ -80,6 +80,8 @@ CLIENT_SHARED: Final = frozenset({b"HELP", b"SETINFO"})
 # The names the session's fast path must stop at while it is shared.
 SPECIAL: Final = PIN | PIN_WHEN_BLOCKING | {b"AUTH", b"QUIT", b"RESET", b"SELECT", b"HELLO"}
 
+BAD_NAME: Final = b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+
 Decision = bytes | Route | None
 """A reply the proxy gives, a route to move to before the request goes, or None: the
 request goes on the current route."""
@@ -89,7 +91,7 @@ def decide(session: Session, name: bytes, args: list[bytes], checked: bool = Fal
     """What a shared session does with a request that goes upstream. `checked`: the
     proxy itself judged its credentials (client_password): they are not Redis's."""
     if name in PIN or (name in PIN_WHEN_BLOCKING and _blocks(args)):
-        return session.route.pinned()
+        return pin(session)
     if name == b"CLIENT":
         return _client(session, args)
     if name == b"SELECT":
@@ -97,7 +99,7 @@ def decide(session: Session, name: bytes, args: list[bytes], checked: bool = Fal
         if db is None:
             # One Redis refuses goes where the session is, for Redis's error; one whose
             # fate can't be foreseen (the upstream's `databases` unknown) pins.
-            return session.route.pinned() if session.databases is None and _number(args) else None
+            return pin(session) if session.databases is None and _number(args) else None
         return replace(session.route, db=db)
     if name == b"HELLO":
         return _hello(session, args, checked)
@@ -112,6 +114,16 @@ def decide(session: Session, name: bytes, args: list[bytes], checked: bool = Fal
         session.reset_state()
         return b"+RESET\r\n"
     return None
+
+
+def pin(session: Session) -> Route:
+    """The route to a connection of the session's own, standing where it stands."""
+    return replace(
+        session.route,
+        dedicated=True,
+        name=session.client_name,
+        info=tuple(session.client_info.items()),
+    )
 
 
 def _blocks(args: list[bytes]) -> bool:
@@ -136,13 +148,13 @@ def _client(session: Session, args: list[bytes]) -> Decision:
     if sub in CLIENT_SHARED or len(args) == 1:
         return None
     if sub not in CLIENT_HERE:
-        return session.route.pinned()
+        return pin(session)
     if sub == b"GETNAME" and len(args) == 2:
         name = session.client_name
         return resp.bulk(name) if name is not None else (b"_\r\n" if session.resp3 else b"$-1\r\n")
     if sub == b"SETNAME" and len(args) == 3:
         if not _printable(args[2]):
-            return b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+            return BAD_NAME
         session.client_name = args[2] or None
         return b"+OK\r\n"
     return None  # Redis's arity error, from where the session is
@@ -175,28 +187,10 @@ def _hello(session: Session, args: list[bytes], checked: bool) -> Decision:
                 route = replace(route, auth=(rest[i + 1], rest[i + 2]))
             i += 3
         elif option == b"SETNAME" and i + 1 < len(rest):
-            if _printable(rest[i + 1]):
-                session.client_name = rest[i + 1] or None
+            if not _printable(rest[i + 1]):
+                return BAD_NAME  # and the connection stays as it was, as in Redis
+            session.client_name = rest[i + 1] or None
             i += 2
         else:
             return None  # a syntax error Redis answers, from where the session is
     return route
-
-
-def dedicated_handshake(session: Session, route: Route) -> list[tuple[str, list[bytes]]]:
-    """What a new connection of its own is told first, so that it stands where the
-    shared one did: credentials, db, protocol, name and library."""
-    steps: list[tuple[str, list[bytes]]] = []
-    if route.auth is not None:
-        steps.append(("AUTH", [b"AUTH", *route.auth]))
-    else:
-        steps += [(what, args) for what, args in session.handshake if what == "AUTH"]
-    if route.db:
-        steps.append(("SELECT", [b"SELECT", b"%d" % route.db]))
-    if route.resp3:
-        steps.append(("HELLO", [b"HELLO", b"3"]))
-    if session.client_name is not None:
-        steps.append(("CLIENT SETNAME", [b"CLIENT", b"SETNAME", session.client_name]))
-    for attribute, value in session.client_info.items():
-        steps.append(("CLIENT SETINFO", [b"CLIENT", b"SETINFO", attribute, value]))
-    return steps
