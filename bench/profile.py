@@ -43,7 +43,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--proxy-ref", metavar="REF", help="proxy/ as of this git commit, not the working tree"
+    )
+    parser.add_argument("--size", type=int, default=64, help="value size in bytes")
     parser.add_argument("--native", action="store_true", help="C frames too (py-spy --native)")
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="perf record the proxy (kernel included; needs root or perf_event_paranoid <= 1) "
+        "during the measured run instead of py-spy: shares by binary (dso) and by symbol",
+    )
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw output here")
     return parser.parse_args(argv)
@@ -94,7 +104,10 @@ def summarize(raw: Path, top: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.access(py_spy, os.X_OK):
+    if args.perf and not shutil.which("perf"):
+        print("bench.profile: perf not found: apt-get install linux-perf", file=sys.stderr)
+        return 2
+    if not args.perf and not os.access(py_spy, os.X_OK):
         print("bench.profile: py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="fieldcrypt-profile-"))
@@ -102,17 +115,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         redis = servers.start_redis(workdir)
         port = servers.free_port()
+        spy = (
+            []
+            if args.perf
+            else [
+                py_spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                str(args.rate),
+                "--output",
+                str(raw),
+                *(["--native"] if args.native else []),
+                "--",
+            ]
+        )
         command = [
-            py_spy,
-            "record",
-            "--format",
-            "raw",
-            "--rate",
-            str(args.rate),
-            "--output",
-            str(raw),
-            *(["--native"] if args.native else []),
-            "--",
+            *spy,
             sys.executable,
             "-m",
             "proxy.cli",
@@ -122,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--upstream",
             f"redis://{HOST}:{redis.port}",
         ]
-        env = servers.proxy_env()
+        root = (
+            servers.export_proxy(args.proxy_ref, workdir / "proxy-ref") if args.proxy_ref else ROOT
+        )
+        env = servers.proxy_env(root)
         env["FIELDCRYPT_UPSTREAM_MODE"] = args.mode
         log = workdir / "proxy.log"
         with log.open("wb") as out:
@@ -131,20 +154,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=root,
                 env=env,
             )
-        proxy = Server("fc-profiled", port, popen, log, processes=2)  # py-spy and the proxy
+        proxy = Server("fc-profiled", port, popen, log, processes=1 if args.perf else 2)
         servers._started.append(proxy)
         proxy.wait_ready()
         if args.test == "GET":
-            prefill(redis.port, PREFIX, 64, ["g"])
+            prefill(redis.port, PREFIX, args.size, ["g"])
         test = TESTS[args.test]
-        bench_args = test.args(PREFIX, 64)
+        bench_args = test.args(PREFIX, args.size)
         warm = redis_benchmark(
             port, bench_args, args.requests // 4, args.pipeline, test.keyspace, args.clients
         )
-        pids = proxy.pids()[1:]  # the proxy, not py-spy
+        pids = proxy.pids() if args.perf else proxy.pids()[1:]  # the proxy, not py-spy
+        perf_data = workdir / "perf.data"
+        recorder = (
+            subprocess.Popen(
+                ["perf", "record", "-F", "999", "-o", str(perf_data), "-p", str(pids[0])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if args.perf
+            else None
+        )
         user0, sys0 = cpu_split(pids)
         started = time.monotonic()
         result = redis_benchmark(
@@ -152,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         seconds = time.monotonic() - started
         user1, sys1 = cpu_split(pids)
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(60)
         # py-spy writes its output when interrupted, then ends the proxy it started
         with contextlib.suppress(ProcessLookupError):
             os.kill(popen.pid, signal.SIGINT)
@@ -165,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.kill(pid, signal.SIGTERM)
         n = args.requests
         print(
-            f"fieldcrypt passthrough, upstream_mode {args.mode}: {args.test} 64 B, "
+            f"fieldcrypt passthrough, upstream_mode {args.mode}: {args.test} {args.size} B, "
             f"-c {args.clients} -P {args.pipeline}, {n:,} requests in {seconds:.1f} s "
             f"({result.rps or 0:,.0f} req/s; warm-up {warm.rps or 0:,.0f}); load average "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
@@ -178,7 +214,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if result.error:
             print(f"redis-benchmark: {result.error}")
         print()
-        print("\n".join(summarize(raw, args.top)))
+        if args.perf:
+            for sort in ("dso", "dso,sym"):
+                report = subprocess.run(
+                    ["perf", "report", "-i", str(perf_data), "--sort", sort, "--stdio"],
+                    capture_output=True,
+                    timeout=120,
+                    check=False,
+                )
+                shown = [
+                    line
+                    for line in report.stdout.decode(errors="replace").splitlines()
+                    if line.strip() and not line.startswith("#")
+                ]
+                print(f"perf, by {sort}:")
+                print("\n".join(shown[: args.top]))
+                print()
+        else:
+            print("\n".join(summarize(raw, args.top)))
     finally:
         servers.stop_all()
         if args.raw is None:

@@ -314,7 +314,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{meta['started']}, {meta['cpus']} CPUs, load average {meta['loadavg_start']} at start, "
         f"{meta['loadavg_end']} at the end; "
         f"{meta['rounds']} round(s), median shown; {meta['clients']} clients; "
-        f"took {meta['duration_s']:.0f} s.",
+        f"took {meta['duration_s']:.0f} s. fieldcrypt: {meta.get('proxy', 'the working tree')}.",
         "Ratios: requests/s of the row over the reference's, measured back to back in each "
         "round; the median of the rounds' ratios. The client, Redis and the proxies share the "
         "cores: compare ratios, never absolute numbers across runs. A p99 of ≥3,000 ms is "

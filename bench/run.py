@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "runs scale from it, the same for every target: pipeline 1 a quarter; HSET and HGET "
         "a half, HMGET a quarter, HGETALL a twentieth (a hundredth with 1 KB values); "
         "at least 1000",
+    )
+    parser.add_argument(
+        "--proxy-ref",
+        metavar="REF",
+        help="run fieldcrypt's proxy/ as of this git commit (e.g. HEAD: what is committed) "
+        "instead of the working tree, which someone may be editing while the benchmark runs",
     )
     parser.add_argument(
         "--before",
@@ -153,6 +159,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     targets_info: dict[str, dict[str, Any]] = {}
     procs: dict[str, Server] = {}
+    meta["proxy"] = proxy_source(args.proxy_ref, workdir)
+    log(f"bench: fieldcrypt from {meta['proxy']}")
 
     redis = servers.start_redis(workdir)
     procs["redis"] = redis
@@ -267,6 +275,27 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta["duration_s"] = round(time.time() - started, 1)
     return result
+
+
+def proxy_source(ref: str | None, workdir: Path) -> str:
+    """Where the fieldcrypt under test comes from: `ref` exported (and used from now on),
+    or the working tree (said dirty when proxy/ has uncommitted changes)."""
+    git = ["git", "-C", str(servers.ROOT)]
+    if ref is not None:
+        servers.use_fieldcrypt_from(servers.export_proxy(ref, workdir / "proxy-ref"))
+        return f"{ref} = {tool_version([*git, 'log', '-1', '--format=%h (%cs)', ref])}"
+    head = tool_version([*git, "log", "-1", "--format=%h (%cs)"])
+    try:
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "proxy"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        ).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        status = "?"
+    dirty = ", proxy/ with uncommitted changes" if status.strip() else ""
+    return f"the working tree at {head}{dirty}"
 
 
 def tool_version(command: list[str]) -> str:
@@ -399,23 +428,44 @@ def memory_tests(quick: bool, workdir: Path, redis: Server) -> dict[str, Any]:
     log(f"bench: idle connections {counts} to a fresh dedicated-mode passthrough proxy")
     # dedicated: each client's upstream connection is part of what is measured (and waited
     # for); pooled mode's RSS with 1,000 clients is in the connection tests
-    proxy = servers.start_fieldcrypt("fc-idle", workdir, redis.port, mode="dedicated")
-    try:
-        out["idle"] = memory.idle_connections(proxy, redis.port, counts)
-    except (OSError, RuntimeError, ServerError) as error:
-        out["idle"] = {"error": f"{error.__class__.__name__}: {error}"}
-    finally:
-        servers.stop(proxy)
+    out["idle"] = on_fresh_proxy(
+        "fc-idle",
+        "dedicated",
+        workdir,
+        redis,
+        lambda p: memory.idle_connections(p, redis.port, counts),
+    )
     limit = 128 * MiB if quick else GiB
     log(f"bench: a client writes {limit // MiB} MiB of SETs without reading, fresh proxy")
-    proxy = servers.start_fieldcrypt("fc-nonreading", workdir, redis.port, mode="pooled")
+    out["nonreading"] = on_fresh_proxy(
+        "fc-nonreading",
+        "pooled",
+        workdir,
+        redis,
+        lambda p: memory.nonreading_client(p, redis.port, limit),
+    )
+    return out
+
+
+def on_fresh_proxy(
+    name: str,
+    mode: str,
+    workdir: Path,
+    redis: Server,
+    test: Callable[[Server], dict[str, Any]],
+) -> dict[str, Any]:
+    """`test` on a fresh passthrough fieldcrypt; {"error": ...} if it fails or the proxy
+    does not start."""
     try:
-        out["nonreading"] = memory.nonreading_client(proxy, redis.port, limit)
+        proxy = servers.start_fieldcrypt(name, workdir, redis.port, mode=mode)
+    except ServerError as error:
+        return {"error": f"fieldcrypt did not start: {error}"}
+    try:
+        return test(proxy)
     except (OSError, RuntimeError, ServerError) as error:
-        out["nonreading"] = {"error": f"{error.__class__.__name__}: {error}"}
+        return {"error": f"{error.__class__.__name__}: {error}"}
     finally:
         servers.stop(proxy)
-    return out
 
 
 def workers_summary(

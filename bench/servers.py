@@ -261,6 +261,16 @@ def proxy_env(root: Path = ROOT) -> dict[str, str]:
     return env
 
 
+_fieldcrypt_root = ROOT  # where `fieldcrypt serve` takes proxy/ from
+
+
+def use_fieldcrypt_from(root: Path) -> None:
+    """Run every fieldcrypt started from now on from `root`/proxy (an export_proxy of a
+    commit), not from the working tree, which may change while the benchmark runs."""
+    global _fieldcrypt_root
+    _fieldcrypt_root = root
+
+
 def export_proxy(ref: str, into: Path) -> Path:
     """proxy/ as it was at git `ref`, extracted under `into` (git archive: the repository
     and its worktree are left as they are); the directory to put on PYTHONPATH."""
@@ -282,8 +292,8 @@ def fieldcrypt_supports_workers() -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "serve", "--help"],
         capture_output=True,
-        env=proxy_env(),
-        cwd=ROOT,
+        env=proxy_env(_fieldcrypt_root),
+        cwd=_fieldcrypt_root,
         timeout=60,
         check=False,
     )
@@ -294,8 +304,8 @@ def keygen() -> str:
     result = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "keygen"],
         capture_output=True,
-        env=proxy_env(),
-        cwd=ROOT,
+        env=proxy_env(_fieldcrypt_root),
+        cwd=_fieldcrypt_root,
         timeout=60,
         check=True,
     )
@@ -310,7 +320,7 @@ def start_fieldcrypt(
     workers: int | None = None,
     mode: str | None = None,
     pool_size: int | None = None,
-    root: Path = ROOT,
+    root: Path | None = None,
 ) -> Server:
     """`fieldcrypt serve` on a free port. `mode` ("pooled" or "dedicated") and `pool_size`
     are passed as FIELDCRYPT_UPSTREAM_MODE / FIELDCRYPT_UPSTREAM_POOL_SIZE; None leaves
@@ -331,7 +341,7 @@ def start_fieldcrypt(
     if workers is not None:
         command += ["--workers", str(workers)]
     processes = 1 + workers if workers is not None and workers > 1 else 1
-    env = proxy_env(root)
+    env = proxy_env(root or _fieldcrypt_root)
     if mode is not None:
         env["FIELDCRYPT_UPSTREAM_MODE"] = mode
     if pool_size is not None:
