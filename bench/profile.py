@@ -234,8 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(summarize(raw, args.top)))
     finally:
         servers.stop_all()
-        if args.raw is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # --raw's file is outside it
     return 0
 
 
