@@ -43,6 +43,10 @@ MAX_POOLS: Final = 64  # routes with shared connections; a client past it gets i
 VERDICT_SECONDS: Final = 60.0  # a client's credentials are checked again after this
 SPARES: Final = 2  # connections kept ready for clients that pin
 SPARE_RETRY_SECONDS: Final = 1.0  # after a spare failed to open
+# A client's replies in flight on a shared connection: past this it isn't read, so that
+# one that never reads what it is owed can't make the proxy hold more than this many.
+INFLIGHT_HIGH_WATER: Final = 1024
+INFLIGHT_LOW_WATER: Final = 256
 # A client's requests waiting for its route's connection: past this, it isn't read.
 QUEUE_HIGH_WATER: Final = 1024 * 1024
 QUEUE_LOW_WATER: Final = 256 * 1024
@@ -72,7 +76,8 @@ class SharedConnection(asyncio.Protocol):
         self._out: list[bytes | bytearray] = []
         self._flush_due = False
         self._handshake = HandshakeReplies([required for _, required in handshake])
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
         if handshake:
             self.send(self, b"".join(resp.encode_request(a) for a, _ in handshake), len(handshake))
 
@@ -83,7 +88,7 @@ class SharedConnection(asyncio.Protocol):
         self._out.append(data)
         if not self._flush_due and self.transport is not None:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
@@ -99,7 +104,7 @@ class SharedConnection(asyncio.Protocol):
             self.ready.set_result(None)  # nothing to say first
         if self._out:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -466,6 +471,8 @@ class PooledLink:
         assert self.shared is not None
         self.inflight += replies
         self.shared.send(self, data, replies)
+        if self.inflight > INFLIGHT_HIGH_WATER:  # it isn't reading what it is owed
+            self.client.pause_client_reading("in flight")
 
     def _advance(self) -> None:
         while self.queue and not self.moving and not self.closed:
@@ -572,6 +579,8 @@ class PooledLink:
         self.inflight -= replies
         if not self.closed:
             self.client.from_upstream(chunk)
+            if self.inflight <= INFLIGHT_LOW_WATER:
+                self.client.resume_client_reading("in flight")
         if not self.inflight and self.queue and not self.moving:
             self._advance()
 

@@ -406,11 +406,15 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slower than Redis answers: stop reading Redis. Before AUTH
-        every reply is the proxy's own: stop reading the client."""
+        every reply is the proxy's own, and a shared connection is never stopped for
+        one client: then stop reading the client, so that what it is owed stays what
+        it has in flight."""
         self.upstream_paused = True
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
-        if self.session is not None and self.session.locked:
+        if (self.session is not None and self.session.locked) or (
+            self.link is not None and self.upstream is None
+        ):
             self.pause_client_reading("unread replies")
 
     def resume_writing(self) -> None:

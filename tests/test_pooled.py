@@ -8,6 +8,7 @@ in flight is never silently sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -209,6 +210,34 @@ def test_a_client_that_stops_reading_is_disconnected_and_delays_no_one(
             what="the client that stopped reading to be disconnected",
         )
         assert busy.get("busy") == b"200"
+    finally:
+        stuck.close()
+        busy.close()
+        proxy.stop()
+
+
+def test_a_client_that_sends_but_never_reads_stops_being_read_and_the_pool_flows(
+    upstream: EmbeddedServer, direct: redis.Redis
+) -> None:
+    direct.set("one-k", b"x" * 1000)
+    proxy = ProxyThread(make_state(upstream.port))  # max_client_output: 1 GiB
+    stuck = socket.create_connection((HOST, proxy.port))
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.settimeout(0.5)
+    busy = redis.Redis(host=HOST, port=proxy.port)
+    batch = encode_request([b"GET", b"one-k"]) * 2000  # 70 KB asking for 2 MB of replies
+    try:
+        with contextlib.suppress(TimeoutError):
+            for _ in range(12):  # 24 MB of replies it never reads
+                stuck.sendall(batch)
+        time.sleep(0.3)
+
+        def owed() -> list[int]:
+            return [c.transport.get_write_buffer_size() for c in proxy.server.connections]
+
+        held = max(proxy.run(owed))
+        assert held < 16 * 1024 * 1024, f"{held} bytes held for a client that never reads"
+        assert busy.incr("flowing") == 1  # the shared connections still answer others
     finally:
         stuck.close()
         busy.close()
