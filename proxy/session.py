@@ -135,9 +135,7 @@ class LocalEntry(Entry):
 
 
 class InternalEntry(Entry):
-    """A request the proxy sent on its own (AUTH, SELECT); its reply is swallowed. An
-    error ends the session, unless the request was only a label (CLIENT SETINFO, which
-    older servers don't know)."""
+    """A request the proxy sent on its own (AUTH, SELECT); its reply is swallowed."""
 
     __slots__ = ("what",)
 
@@ -145,7 +143,7 @@ class InternalEntry(Entry):
         self.what = what
 
     def on_reply(self, session: Session, frame: bytes) -> bytes | None:
-        if frame[0] in resp.ERROR_TYPES and self.what != "CLIENT SETINFO":
+        if frame[0] in resp.ERROR_TYPES:
             message = frame[1:].split(b"\r\n", 1)[0].decode(errors="replace")
             session.failed = f"ERR fieldcrypt: upstream refused the proxy's {self.what}: {message}"
             return resp.error_reply(session.failed)
