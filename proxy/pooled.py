@@ -428,6 +428,7 @@ class PooledLink:
         self.moving = False
         self.forwarded = 0  # the session's count when it last sent
         self.queued = 0  # bytes waiting in `queue`
+        self.queued_replies = 0  # and the replies they will bring
         self.closed = False
 
     # --- from the session ------------------------------------------------------------
@@ -441,8 +442,9 @@ class PooledLink:
         if self.queue or self.moving or self._here() is None:
             self.queue.append((data, replies))
             self.queued += len(data)
-            if self.queued > QUEUE_HIGH_WATER:  # nowhere to send it yet: stop reading
-                self.client.pause_client_reading("moving")
+            self.queued_replies += replies
+            if self.queued > QUEUE_HIGH_WATER or self.queued_replies > INFLIGHT_HIGH_WATER:
+                self.client.pause_client_reading("moving")  # nowhere to send it yet
             self._advance()
             return
         self._write(data, replies)
@@ -505,8 +507,9 @@ class PooledLink:
             self.queue.popleft()
             data, replies = head
             self.queued -= len(data)
+            self.queued_replies -= replies
             self._write(data, replies)
-        if self.queued <= QUEUE_LOW_WATER:
+        if self.queued <= QUEUE_LOW_WATER and self.queued_replies <= INFLIGHT_LOW_WATER:
             self.client.resume_client_reading("moving")
 
     def _move(self, route: Route, follows: bool) -> None:
@@ -566,6 +569,7 @@ class PooledLink:
             return
         data, replies = self.queue.popleft()
         self.queued -= len(data)
+        self.queued_replies -= replies
         self._answer(reply * max(replies, 1))
 
     def _leave_shared(self) -> None:
@@ -580,7 +584,7 @@ class PooledLink:
         if not self.closed:
             self.client.from_upstream(chunk)
             if self.inflight <= INFLIGHT_LOW_WATER:
-                self.client.resume_client_reading("in flight")
+                self.client.resume_when_read("in flight")
         if not self.inflight and self.queue and not self.moving:
             self._advance()
 
@@ -606,7 +610,7 @@ class PooledLink:
         """No route for what is queued: each request gets `reply`, then the client goes."""
         replies = sum(item[1] for item in self.queue if type(item[0]) is not Route)
         self.queue.clear()
-        self.queued = 0
+        self.queued = self.queued_replies = 0
         self._answer(reply * max(replies, 1))
         self.client.close()
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from proxy import resp
-from proxy.pooled import HandshakeReplies, PooledLink, Pools, Step, Unreachable
+from proxy.pooled import (
+    INFLIGHT_LOW_WATER,
+    HandshakeReplies,
+    PooledLink,
+    Pools,
+    Step,
+    Unreachable,
+)
 from proxy.session import Defer, Handler, Session
 from proxy.sharing import Route
 
@@ -422,6 +429,14 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
         self.resume_client_reading("unread replies")
+        if self.link is not None and self.link.inflight <= INFLIGHT_LOW_WATER:
+            self.resume_client_reading("in flight")
+
+    def resume_when_read(self, reason: str) -> None:
+        """Read the client again, unless what it is owed already waits in this process
+        (the kernel's buffer for it is full): then when it has read that."""
+        if self.transport is None or not self.transport.get_write_buffer_size():
+            self.resume_client_reading(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
