@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,7 @@ from proxy.server import ProxyServer, ProxyState, Target
 from proxy.session import base_dispatch
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent  # the repository, for PYTHONPATH
 
 # The servers the tests run against. Each kind comes from one place, named in HOW_TO_GET;
 # the `redis` kind falls back to Redis 8.2 when Debian's is absent (see served_by).
@@ -464,3 +467,86 @@ class ConfiguredProxy:
     def close(self) -> None:
         self.stop()
         self.direct.close()
+
+
+class ServeProcess:
+    """`python -m proxy.cli serve` as a subprocess; its stderr (the log) is collected."""
+
+    def __init__(
+        self, directory: Path, *args: str, env: Mapping[str, str] | None = None, ready: int = 1
+    ) -> None:
+        self.port = free_port()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCRYPT_")}
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), environment.get("PYTHONPATH")])
+        )
+        environment.update(env or {})
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                *args,
+            ],
+            cwd=directory,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.wait_for_log("listening on", count=ready)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def rss_kib(self) -> int:
+        """Its resident memory, as /proc says."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1])
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in list(self.lines) if re.search(pattern, line))
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(pattern) >= count:
+                return
+            if self.process.poll() is not None:
+                self.reader.join(5)
+                if self.count(pattern) >= count:
+                    return
+                raise AssertionError(f"fieldcrypt exited ({self.process.returncode}):\n{self.log}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {count} log lines matching {pattern!r}:\n{self.log}")
+
+    def stop(self) -> int:
+        """SIGTERM; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"fieldcrypt did not exit on SIGTERM:\n{self.log}") from None
+        self.reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -22,8 +22,7 @@ from redis.exceptions import ResponseError
 from proxy import resp
 from proxy.crypto import HEADER_PREFIX, generate_key
 from proxy.scripts import MAX_SEEN, OTHER
-from tests.servers import ConfiguredProxy, EmbeddedServer, Wire, free_port
-from tests.test_cli import Serve, clean_env
+from tests.servers import ConfiguredProxy, EmbeddedServer, ServeProcess, Wire, free_port
 
 HGETALL_ONE = "return redis.call('HGETALL', KEYS[1])"
 HGETALL_ONE_RESP3 = "redis.setresp(3); return redis.call('HGETALL', KEYS[1])"
@@ -199,13 +198,6 @@ def test_envelopes_inside_other_values_and_in_status_replies_leave_the_reply_as_
 # --- 5. Bounded memory and logs --------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_refused_eval_bodies_are_not_kept(upstream: EmbeddedServer, tmp_path: Path) -> None:
     (tmp_path / "key").write_text(generate_key())
     (tmp_path / "fieldcrypt.yaml").write_text(
@@ -218,20 +210,20 @@ def test_refused_eval_bodies_are_not_kept(upstream: EmbeddedServer, tmp_path: Pa
             }
         )
     )
-    serve = Serve("--config", "fieldcrypt.yaml", cwd=tmp_path, env=clean_env())
+    serve = ServeProcess(tmp_path, "--config", "fieldcrypt.yaml")
     try:
         client = redis.Redis(port=serve.port, socket_timeout=30)
         client.ping()
         for number in range(3):  # warm up: a connection's buffers, allocator pools
             with pytest.raises(ResponseError):
                 client.execute_command("EVAL", b"-- %d\n" % number + b"x" * (1 << 20), 1, "iad:1")
-        before = rss_kib(serve.process.pid)
+        before = serve.rss_kib()
         for number in range(60):  # 1 MiB of Lua Redis refuses, each a new body
             body = b"-- %d\n" % number + b"x" * (1 << 20)
             with pytest.raises(ResponseError):
                 client.execute_command("EVAL", body, 1, "iad:1")
         client.close()
-        grown = rss_kib(serve.process.pid) - before
+        grown = serve.rss_kib() - before
         assert serve.stop() == 0
     finally:
         serve.kill()

@@ -14,12 +14,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -49,6 +47,7 @@ from proxy.crypto import Key, KeyRing, generate_key
 from tests.servers import (
     EmbeddedServer,
     ProxyThread,
+    ServeProcess,
     TlsServer,
     cli_binary,
     cli_has_tls,
@@ -58,7 +57,6 @@ from tests.servers import (
 )
 
 HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_PW = "upstream-Only@pw/9:x"  # what Redis requires; clients never see it
 CLIENT_PW = "client-pw-7c1e0b"  # what clients give the proxy
 ADMIN_PW = "admin-pw-5d3f9a"
@@ -270,78 +268,9 @@ def proxies(tmp_path: Path) -> Iterator[Proxies]:
     handle.stop()
 
 
-class CliProxy:
-    """`python -m proxy.cli serve` as a subprocess; its stderr (the log) is collected."""
-
-    def __init__(
-        self, directory: Path, *args: str, env: Mapping[str, str] | None = None, ready: int = 1
-    ) -> None:
-        self.port = free_port()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCRYPT_")}
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), environment.get("PYTHONPATH")])
-        )
-        environment.update(env or {})
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"{HOST}:{self.port}", *args],
-            cwd=directory,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.wait_for_log("listening on", count=ready)
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, pattern: str) -> int:
-        return sum(1 for line in list(self.lines) if re.search(pattern, line))
-
-    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.count(pattern) >= count:
-                return
-            if self.process.poll() is not None:
-                self.reader.join(5)
-                if self.count(pattern) >= count:
-                    return
-                raise AssertionError(f"fieldcrypt exited ({self.process.returncode}):\n{self.log}")
-            time.sleep(0.02)
-        raise AssertionError(f"no {count} log lines matching {pattern!r}:\n{self.log}")
-
-    def stop(self) -> int:
-        """SIGTERM; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"fieldcrypt did not exit on SIGTERM:\n{self.log}") from None
-        self.reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
-def cli_proxies() -> Iterator[list[CliProxy]]:
-    started: list[CliProxy] = []
+def cli_proxies() -> Iterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
     yield started
     for proxy in started:
         proxy.kill()
@@ -634,7 +563,7 @@ def test_upstream_password_from_the_url_is_used_for_every_connection(
 
 @pytest.mark.parametrize("source", ["env", "file"])
 def test_upstream_password_from_the_environment(
-    locked_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[CliProxy], source: str
+    locked_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[ServeProcess], source: str
 ) -> None:
     if source == "env":
         env = {"FIELDCRYPT_UPSTREAM_PASSWORD": UPSTREAM_PW}
@@ -642,7 +571,7 @@ def test_upstream_password_from_the_environment(
         secret = tmp_path / "upstream-password"
         secret.write_text(UPSTREAM_PW + "\n", encoding="utf-8")
         env = {"FIELDCRYPT_UPSTREAM_PASSWORD_FILE": str(secret)}
-    proxy = CliProxy(tmp_path, "--upstream", locked_redis.url, env=env)
+    proxy = ServeProcess(tmp_path, "--upstream", locked_redis.url, env=env)
     cli_proxies.append(proxy)
     conn = Conn(proxy.port)
     assert conn.call("SET", f"cred:{source}", "1") == b"+OK\r\n"
@@ -726,12 +655,12 @@ def test_proxy_side_client_password_gates_clients_and_never_reaches_redis(
 
 
 def test_metrics_count_the_traffic_and_health_follows_the_upstream(
-    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[CliProxy]
+    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[ServeProcess]
 ) -> None:
     key_files(tmp_path, "a")
     write_yaml(tmp_path / "fieldcrypt.yaml", {"keys": ring("a"), "rules": [IAD_RULE]})
     metrics_port = free_port()
-    proxy = CliProxy(
+    proxy = ServeProcess(
         tmp_path,
         "--upstream",
         plain_redis.url,
@@ -824,13 +753,13 @@ def test_metrics_count_the_traffic_and_health_follows_the_upstream(
 
 
 def test_json_logs_record_lifecycle_events_and_never_a_value_or_secret(
-    locked_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[CliProxy]
+    locked_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[ServeProcess]
 ) -> None:
     keys = key_files(tmp_path, "a", "b")
     config = {"keys": ring("a"), "rules": [IAD_RULE], "admin_password": ADMIN_PW}
     write_yaml(tmp_path / "fieldcrypt.yaml", config)
     url = f"redis://:{quote(UPSTREAM_PW, safe='')}@{HOST}:{locked_redis.port}"
-    proxy = CliProxy(
+    proxy = ServeProcess(
         tmp_path, "--upstream", url, "--config", "fieldcrypt.yaml", "--log-format", "json"
     )
     cli_proxies.append(proxy)
@@ -948,14 +877,14 @@ class Traffic:
 
 
 def test_reload_under_traffic_rotates_keys_without_dropping_a_client(
-    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[CliProxy]
+    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[ServeProcess]
 ) -> None:
     keys = key_files(tmp_path, "a", "b", "c")
     kid = {name: keys[name][1] for name in keys}
     path = tmp_path / "fieldcrypt.yaml"
     base = {"rules": [IAD_RULE], "admin_password": ADMIN_PW}
     write_yaml(path, {"keys": ring("a"), **base})
-    proxy = CliProxy(tmp_path, "--upstream", plain_redis.url, "--config", str(path))
+    proxy = ServeProcess(tmp_path, "--upstream", plain_redis.url, "--config", str(path))
     cli_proxies.append(proxy)
     traffic = Traffic(proxy.port)
     traffic.start()
@@ -1102,9 +1031,9 @@ def test_idle_timeout_closes_idle_clients_but_not_blocked_ones(
 
 
 def test_two_workers_serve_clients_and_all_exit_cleanly_on_sigterm(
-    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[CliProxy]
+    plain_redis: EmbeddedServer, tmp_path: Path, cli_proxies: list[ServeProcess]
 ) -> None:
-    proxy = CliProxy(tmp_path, "--upstream", plain_redis.url, "--workers", "2", ready=2)
+    proxy = ServeProcess(tmp_path, "--upstream", plain_redis.url, "--workers", "2", ready=2)
     cli_proxies.append(proxy)
     found = re.search(r"started 2 workers: pids (\d+), (\d+)", proxy.log)
     assert found, proxy.log

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +32,7 @@ from proxy.pooled import SPARES
 from tests.servers import (
     EmbeddedServer,
     ProxyThread,
-    free_port,
+    ServeProcess,
     raw_connect,
     read_exactly,
     server_binary,
@@ -44,7 +41,6 @@ from tests.servers import (
 from tests.test_cluster import Cluster
 
 HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_PW = "upstream-secret-7f1c"
 CLIENT_PW = "client-secret-0b9e"
 ADMIN_PW = "admin-secret-55d2"
@@ -301,65 +297,6 @@ def test_cluster_path_applies_the_same_rules_before_auth(
 # --- Memory: what a client that never authenticates can make the proxy hold ---------------
 
 
-class ServeProcess:
-    """`python -m proxy.cli serve` as a subprocess; its stderr (the log) is collected."""
-
-    def __init__(self, directory: Path, env: dict[str, str], *args: str) -> None:
-        self.port = free_port()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCRYPT_")}
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), environment.get("PYTHONPATH")])
-        )
-        environment.update(env)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"{HOST}:{self.port}", *args],
-            cwd=directory,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.wait_for_log("listening on")
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for_log(self, text: str, count: int = 1) -> None:
-        wait_for(
-            lambda: (
-                sum(text in line for line in list(self.lines)) >= count
-                or self.process.poll() is not None
-            ),
-            20,
-            f"{text!r} in the log",
-        )
-        assert self.process.poll() is None, f"fieldcrypt exited:\n{self.log}"
-
-    def rss_kib(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(line.split()[1])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.reader.join(5)
-
-
 @pytest.fixture
 def serve_processes() -> Iterator[list[ServeProcess]]:
     started: list[ServeProcess] = []
@@ -384,9 +321,9 @@ def test_unauthenticated_clients_cannot_make_the_proxy_buffer_megabytes(
 ) -> None:
     proxy = ServeProcess(
         tmp_path,
-        {"FIELDCRYPT_CLIENT_PASSWORD": CLIENT_PW},
         "--upstream",
         upstream_url(locked_redis),
+        env={"FIELDCRYPT_CLIENT_PASSWORD": CLIENT_PW},
     )
     serve_processes.append(proxy)
     warm = raw_connect(proxy.port)  # the code paths of a whole conversation, loaded
@@ -427,15 +364,15 @@ def test_reload_applies_new_admin_client_and_upstream_passwords(
     (tmp_path / "fieldcrypt.yaml").write_text(yaml.safe_dump(config))
     proxy = ServeProcess(
         tmp_path,
-        {
-            "FIELDCRYPT_ADMIN_PASSWORD_FILE": "admin.pw",
-            "FIELDCRYPT_CLIENT_PASSWORD_FILE": "client.pw",
-            "FIELDCRYPT_UPSTREAM_PASSWORD_FILE": "upstream.pw",
-        },
         "--config",
         "fieldcrypt.yaml",
         "--upstream",
         f"redis://{HOST}:{locked_redis.port}",
+        env={
+            "FIELDCRYPT_ADMIN_PASSWORD_FILE": "admin.pw",
+            "FIELDCRYPT_CLIENT_PASSWORD_FILE": "client.pw",
+            "FIELDCRYPT_UPSTREAM_PASSWORD_FILE": "upstream.pw",
+        },
     )
     serve_processes.append(proxy)
 
