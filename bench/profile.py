@@ -131,17 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--",
             ]
         )
-        command = [
-            *spy,
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "serve",
-            "--listen",
-            f"{HOST}:{port}",
-            "--upstream",
-            f"redis://{HOST}:{redis.port}",
-        ]
+        command = [*spy, *servers.serve_command(port, f"redis://{HOST}:{redis.port}")]
         root = (
             servers.export_proxy(args.proxy_ref, workdir / "proxy-ref") if args.proxy_ref else ROOT
         )

@@ -52,6 +52,7 @@ from typing import Any
 
 import redis
 
+from bench.servers import serve_command
 from proxy import resp
 from proxy.app import build_state
 from proxy.config import load_settings
@@ -102,14 +103,7 @@ def start_proxy(
     port = free_port()
     command = [
         *wrapper,
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        upstream_url or f"redis://127.0.0.1:{upstream}",
+        *serve_command(port, upstream_url or f"redis://127.0.0.1:{upstream}"),
         "--log-level",
         "error",  # not the start-up warnings of a proxy started every round
     ]

@@ -312,6 +312,20 @@ def keygen() -> str:
     return result.stdout.decode().strip()
 
 
+def serve_command(port: int, upstream_url: str) -> list[str]:
+    """`fieldcrypt serve` listening on HOST:`port` in front of `upstream_url`."""
+    return [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "serve",
+        "--listen",
+        f"{HOST}:{port}",
+        "--upstream",
+        upstream_url,
+    ]
+
+
 def start_fieldcrypt(
     name: str,
     workdir: Path,
@@ -326,16 +340,7 @@ def start_fieldcrypt(
     are passed as FIELDCRYPT_UPSTREAM_MODE / FIELDCRYPT_UPSTREAM_POOL_SIZE; None leaves
     fieldcrypt's default."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        "serve",
-        "--listen",
-        f"{HOST}:{port}",
-        "--upstream",
-        f"redis://{HOST}:{upstream_port}",
-    ]
+    command = serve_command(port, f"redis://{HOST}:{upstream_port}")
     if config is not None:
         command += ["--config", str(config)]
     if workers is not None:
